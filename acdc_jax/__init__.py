@@ -1,0 +1,50 @@
+"""acdc-jax: automatic circuit discovery in transformers, in JAX, with a gate on every edge."""
+
+from .graph import Graph, GraphError
+from .models import (
+    Ablation,
+    ConfigError,
+    DenseGates,
+    InputError,
+    LoadError,
+    Transformer,
+    TransformerConfig,
+    gated_forward,
+    init_model,
+    load_model,
+    save_model,
+)
+from .patching import (
+    GatedRun,
+    chunked_vmap,
+    corrupt_ablation,
+    make_ablation,
+    mean_ablation,
+    source_values,
+    zero_ablation,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Ablation",
+    "ConfigError",
+    "DenseGates",
+    "GatedRun",
+    "Graph",
+    "GraphError",
+    "InputError",
+    "LoadError",
+    "Transformer",
+    "TransformerConfig",
+    "chunked_vmap",
+    "corrupt_ablation",
+    "gated_forward",
+    "init_model",
+    "load_model",
+    "make_ablation",
+    "mean_ablation",
+    "save_model",
+    "source_values",
+    "zero_ablation",
+]

@@ -1,0 +1,461 @@
+"""Loading and saving models, offline only: Hugging Face GPT-2 directories, tracr exports, our own format.
+
+Every loader produces one flat dict of numpy arrays in our naming (``embed.W_E``,
+``blocks.attn.W_Q`` stacked over layers, ...) and hands it to ``build_model``, which checks every
+shape against the config and refuses NaN or inf.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._config import GPT2_SHAPES, ConfigError, TransformerConfig
+from ._transformer import MLP, Attention, Block, Embed, LayerNorm, Transformer, Unembed
+
+
+class LoadError(ValueError):
+    """A checkpoint acdc-jax cannot load; the message says what is wrong and what to do."""
+
+
+OWN_CONFIG_FILE = "acdc_jax_config.json"
+OWN_WEIGHTS_FILE = "weights.safetensors"
+SHIPPED_TRACR = {"tracr-reverse": "tracr/reverse", "tracr-xproportion": "tracr/xproportion"}
+SHIPPED_OWN = {"induction": "induction"}
+
+
+def models_dir() -> Path:
+    """The folder of shipped checkpoints: ``$ACDC_JAX_MODELS``, else ``models/`` beside the package."""
+    env = os.environ.get("ACDC_JAX_MODELS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "models"
+
+
+def shipped_model_names() -> list[str]:
+    return sorted(SHIPPED_TRACR) + sorted(SHIPPED_OWN)
+
+
+# --------------------------------------------------------------------------------------------
+# The one builder
+
+
+def expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of a model with this config, in our naming, with its shape."""
+    L, H, D, E = config.n_layers, config.n_heads, config.d_model, config.d_head
+    shapes = {"embed.W_E": (config.d_vocab, D), "embed.W_pos": (config.n_ctx, D)}
+    ln = config.normalization == "ln"
+    if ln:
+        shapes |= {"blocks.ln1.w": (L, D), "blocks.ln1.b": (L, D)}
+    for w in "QKV":
+        shapes[f"blocks.attn.W_{w}"] = (L, H, D, E)
+        shapes[f"blocks.attn.b_{w}"] = (L, H, E)
+    shapes |= {"blocks.attn.W_O": (L, H, E, D), "blocks.attn.b_O": (L, D)}
+    if config.has_mlp:
+        M = config.d_mlp
+        if ln:
+            shapes |= {"blocks.ln2.w": (L, D), "blocks.ln2.b": (L, D)}
+        shapes |= {
+            "blocks.mlp.W_in": (L, D, M),
+            "blocks.mlp.b_in": (L, M),
+            "blocks.mlp.W_out": (L, M, D),
+            "blocks.mlp.b_out": (L, D),
+        }
+    if ln:
+        shapes |= {"ln_final.w": (D,), "ln_final.b": (D,)}
+    if not config.tied_unembed:
+        shapes["unembed.W_U"] = (D, config.d_vocab_out)
+    shapes["unembed.b_U"] = (config.d_vocab_out,)
+    return shapes
+
+
+def check_finite(name: str, array: np.ndarray, where: str = "") -> None:
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise LoadError(f"tensor {name}{where} has {bad} NaN/inf entries; the checkpoint is corrupt, re-export it")
+
+
+def build_model(config: TransformerConfig, arrays: dict[str, np.ndarray], dtype=jnp.float32, where: str = "") -> Transformer:
+    """A ``Transformer`` from a flat dict in our naming; every name and shape is checked."""
+    shapes = expected_shapes(config)
+    missing = sorted(set(shapes) - set(arrays))
+    extra = sorted(set(arrays) - set(shapes))
+    if missing or extra:
+        raise LoadError(f"parameters do not match the config{where}: missing {missing}, unexpected {extra}")
+    params = {}
+    for name, shape in shapes.items():
+        value = np.asarray(arrays[name])
+        if value.shape != shape:
+            raise LoadError(f"tensor {name}{where} has shape {value.shape}, expected {shape} for this config")
+        check_finite(name, value, where)
+        params[name] = jnp.asarray(value, dtype)
+
+    def ln(prefix):
+        return LayerNorm(params[prefix + ".w"], params[prefix + ".b"]) if prefix + ".w" in params else None
+
+    attn = Attention(**{k: params[f"blocks.attn.{k}"] for k in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O")})
+    mlp = MLP(**{k: params[f"blocks.mlp.{k}"] for k in ("W_in", "b_in", "W_out", "b_out")}) if config.has_mlp else None
+    return Transformer(
+        config=config,
+        embed=Embed(params["embed.W_E"], params["embed.W_pos"]),
+        blocks=Block(ln1=ln("blocks.ln1"), attn=attn, ln2=ln("blocks.ln2"), mlp=mlp),
+        ln_final=ln("ln_final"),
+        unembed=Unembed(params.get("unembed.W_U"), params["unembed.b_U"]),
+    )
+
+
+def model_arrays(model: Transformer) -> dict[str, np.ndarray]:
+    """The inverse of ``build_model``: a flat dict of numpy arrays in our naming."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(model):
+        name = ".".join(str(getattr(p, "name", getattr(p, "key", p))) for p in path)
+        out[name] = np.asarray(leaf)
+    return out
+
+
+def init_model(config: TransformerConfig, key: jax.Array, *, std: float = 0.02) -> Transformer:
+    """Random parameters: normal(0, std) weights and biases, LayerNorm scales near 1."""
+    shapes = expected_shapes(config)
+    keys = jax.random.split(key, len(shapes))
+    arrays = {}
+    for k, (name, shape) in zip(keys, shapes.items()):
+        if name.endswith(("ln1.w", "ln2.w", "ln_final.w")):
+            arrays[name] = 1.0 + 0.1 * jax.random.normal(k, shape)
+        else:
+            arrays[name] = std * jax.random.normal(k, shape)
+    return build_model(config, {k: np.asarray(v) for k, v in arrays.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# Our own format
+
+
+def save_model(model: Transformer, path: str | os.PathLike) -> Path:
+    """Write ``acdc_jax_config.json`` and ``weights.safetensors`` into a directory."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / OWN_CONFIG_FILE).write_text(
+        json.dumps({"format": "acdc-jax", "version": 1, "config": model.config.to_dict()}, indent=1)
+    )
+    save_file({k: np.ascontiguousarray(v) for k, v in model_arrays(model).items()}, str(path / OWN_WEIGHTS_FILE))
+    return path
+
+
+def _load_own(path: Path, dtype) -> Transformer:
+    from safetensors.numpy import load_file
+
+    meta = json.loads((path / OWN_CONFIG_FILE).read_text())
+    if meta.get("format") != "acdc-jax":
+        raise LoadError(f"{path / OWN_CONFIG_FILE} is not an acdc-jax config (format={meta.get('format')!r})")
+    weights = path / OWN_WEIGHTS_FILE
+    if not weights.exists():
+        raise LoadError(f"missing {weights}: an acdc-jax checkpoint needs {OWN_WEIGHTS_FILE} beside its config")
+    return build_model(TransformerConfig.from_dict(meta["config"]), load_file(str(weights)), dtype, f" in {weights}")
+
+
+# --------------------------------------------------------------------------------------------
+# tracr exports (TransformerLens names, as ../shared/tasks/tracr ships them)
+
+
+def _load_tracr(path: Path, dtype) -> Transformer:
+    cfg = json.loads((path / "config.json").read_text())
+    weights_file = path / "weights.npz"
+    if not weights_file.exists():
+        raise LoadError(f"missing {weights_file}: a tracr export needs weights.npz beside config.json")
+    if cfg.get("normalization_type") is not None or cfg.get("parallel_attn_mlp"):
+        raise LoadError(f"{path}: only tracr exports without LayerNorm and with sequential attention/MLP are supported")
+    config = TransformerConfig(
+        n_layers=cfg["n_layers"],
+        n_heads=cfg["n_heads"],
+        d_model=cfg["d_model"],
+        d_head=cfg["d_head"],
+        d_mlp=cfg["d_mlp"],
+        d_vocab=cfg["d_vocab"],
+        d_vocab_out=cfg["d_vocab_out"],
+        n_ctx=cfg["n_ctx"],
+        act_fn=cfg["act_fn"],
+        normalization=None,
+        causal=bool(cfg["causal"]),
+        attn_scale=float(cfg["attn_scale"]),
+        tied_unembed=False,
+        name=f"tracr-{cfg.get('task', path.name)}",
+    )
+    w = dict(np.load(weights_file))
+    L = config.n_layers
+
+    def stack(fmt):
+        return np.stack([w[fmt.format(l=l)] for l in range(L)])
+
+    arrays = {"embed.W_E": w["embed.W_E"], "embed.W_pos": w["pos_embed.W_pos"]}
+    for name in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O"):
+        arrays[f"blocks.attn.{name}"] = stack("blocks.{l}.attn." + name)
+    for name in ("W_in", "b_in", "W_out", "b_out"):
+        arrays[f"blocks.mlp.{name}"] = stack("blocks.{l}.mlp." + name)
+    arrays["unembed.W_U"] = w["unembed.W_U"]
+    arrays["unembed.b_U"] = w["unembed.b_U"]
+    return build_model(config, arrays, dtype, f" in {weights_file}")
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face GPT-2 directories
+
+_HF_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
+# Buffers that old GPT-2 checkpoints carry (the causal mask); not parameters.
+_HF_BUFFERS = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+def hf_config_to_ours(hf: dict, name: str = "") -> TransformerConfig:
+    """Our config from a Hugging Face GPT-2 ``config.json`` dict; unsupported options are errors."""
+    model_type = hf.get("model_type")
+    if model_type != "gpt2":
+        archs = hf.get("architectures")
+        raise LoadError(
+            f"unknown architecture: model_type={model_type!r}, architectures={archs}; acdc-jax loads "
+            "GPT-2-family checkpoints (model_type 'gpt2': gpt2, gpt2-medium/large/xl, distilgpt2)"
+        )
+    if hf.get("add_cross_attention"):
+        raise LoadError("GPT-2 with cross-attention (add_cross_attention=true) is not supported")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _HF_ACTIVATIONS:
+        raise LoadError(f"activation_function {act!r} is not supported; known: {sorted(_HF_ACTIVATIONS)}")
+    d_model, n_heads = hf.get("n_embd", 768), hf.get("n_head", 12)
+    if d_model % n_heads:
+        raise LoadError(f"n_embd={d_model} is not divisible by n_head={n_heads}")
+    d_head = d_model // n_heads
+    try:
+        return TransformerConfig(
+            n_layers=hf.get("n_layer", 12),
+            n_heads=n_heads,
+            d_model=d_model,
+            d_head=d_head,
+            d_mlp=hf.get("n_inner") or 4 * d_model,
+            d_vocab=hf.get("vocab_size", 50257),
+            n_ctx=hf.get("n_positions", 1024),
+            act_fn=_HF_ACTIVATIONS[act],
+            normalization="ln",
+            ln_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            causal=True,
+            attn_scale=math.sqrt(d_head) if hf.get("scale_attn_weights", True) else 1.0,
+            scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
+            tied_unembed=bool(hf.get("tie_word_embeddings", True)),
+            name=name,
+        )
+    except ConfigError as err:
+        raise LoadError(f"config.json describes a model acdc-jax cannot build: {err}") from err
+
+
+def hf_state_dict_to_ours(config: TransformerConfig, state: dict[str, np.ndarray], where: str = "") -> dict[str, np.ndarray]:
+    """The explicit key map from Hugging Face GPT-2 names to ours.
+
+    HF's ``Conv1D`` stores weights ``[in, out]`` and computes ``x @ W``. ``c_attn.weight`` is
+    ``[d_model, 3 * d_model]`` with q, k, v side by side and heads contiguous inside each, so
+    ``W_Q[h] = c_attn.weight[:, h*E:(h+1)*E]``; ``c_proj.weight`` rows are the merged heads, so
+    ``W_O[h] = c_proj.weight[h*E:(h+1)*E, :]``. ``lm_head.weight`` (``[vocab, d_model]``, a
+    ``nn.Linear``) is read only when the embeddings are untied.
+    """
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    L, H, D, E = config.n_layers, config.n_heads, config.d_model, config.d_head
+    M = config.d_mlp
+    used: set[str] = set()
+
+    def take(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in state:
+            raise LoadError(f"tensor {name}{where} is missing (a GPT-2 checkpoint with {L} layers needs it)")
+        value = np.asarray(state[name], dtype=np.float32) if state[name].dtype != np.float64 else np.asarray(state[name])
+        if value.shape != shape:
+            raise LoadError(f"tensor {name}{where} has shape {value.shape}, expected {shape} from config.json")
+        check_finite(name, value, where)
+        used.add(name)
+        return value
+
+    out = {"embed.W_E": take("wte.weight", (config.d_vocab, D)), "embed.W_pos": take("wpe.weight", (config.n_ctx, D))}
+    per_layer: dict[str, list[np.ndarray]] = {}
+
+    def add(name, value):
+        per_layer.setdefault(name, []).append(value)
+
+    for l in range(L):
+        p = f"h.{l}."
+        add("blocks.ln1.w", take(p + "ln_1.weight", (D,)))
+        add("blocks.ln1.b", take(p + "ln_1.bias", (D,)))
+        w_qkv = take(p + "attn.c_attn.weight", (D, 3 * D))
+        b_qkv = take(p + "attn.c_attn.bias", (3 * D,))
+        for i, w in enumerate("QKV"):
+            add(f"blocks.attn.W_{w}", w_qkv[:, i * D : (i + 1) * D].reshape(D, H, E).transpose(1, 0, 2))
+            add(f"blocks.attn.b_{w}", b_qkv[i * D : (i + 1) * D].reshape(H, E))
+        add("blocks.attn.W_O", take(p + "attn.c_proj.weight", (D, D)).reshape(H, E, D))
+        add("blocks.attn.b_O", take(p + "attn.c_proj.bias", (D,)))
+        add("blocks.ln2.w", take(p + "ln_2.weight", (D,)))
+        add("blocks.ln2.b", take(p + "ln_2.bias", (D,)))
+        add("blocks.mlp.W_in", take(p + "mlp.c_fc.weight", (D, M)))
+        add("blocks.mlp.b_in", take(p + "mlp.c_fc.bias", (M,)))
+        add("blocks.mlp.W_out", take(p + "mlp.c_proj.weight", (M, D)))
+        add("blocks.mlp.b_out", take(p + "mlp.c_proj.bias", (D,)))
+    out |= {k: np.stack(v) for k, v in per_layer.items()}
+    out["ln_final.w"] = take("ln_f.weight", (D,))
+    out["ln_final.b"] = take("ln_f.bias", (D,))
+    if config.tied_unembed:
+        used.add("lm_head.weight")  # a tied copy, when saved at all
+    else:
+        out["unembed.W_U"] = take("lm_head.weight", (config.d_vocab, D)).T
+    out["unembed.b_U"] = np.zeros((config.d_vocab_out,), np.float32)
+    unexpected = sorted(k for k in state if k not in used and not _HF_BUFFERS.match(k))
+    if unexpected:
+        raise LoadError(f"unexpected tensors{where} for a GPT-2 LM checkpoint: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    return out
+
+
+def _flax_tree_to_hf_names(tree: dict) -> dict[str, np.ndarray]:
+    """Flax GPT-2 params (``flax_model.msgpack``) to the PyTorch state-dict names and layouts.
+
+    Flax names ``embedding`` (Embed), ``scale``/``bias`` (LayerNorm) and ``kernel``. HF's Flax
+    ``Conv1D`` keeps its kernel as ``[out, in]`` (it transposes when applying), the transpose of
+    PyTorch's ``[in, out]``; the Flax ``lm_head`` is ``nn.Dense`` with kernel ``[d_model, vocab]``,
+    the transpose of PyTorch's ``[vocab, d_model]``. Both become PyTorch's layout here.
+    """
+    flat = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            else:
+                flat[name] = np.asarray(value)
+
+    walk(tree, "")
+    out = {}
+    for name, value in flat.items():
+        base, _, leaf = name.rpartition(".")
+        if leaf == "embedding":
+            out[base + ".weight"] = value
+        elif leaf == "scale":
+            out[base + ".weight"] = value
+        elif leaf == "kernel":
+            out[base + ".weight"] = value.T
+        else:
+            out[name] = value
+    return out
+
+
+def _read_hf_weights(path: Path) -> tuple[dict[str, np.ndarray], str]:
+    """The state dict of a HF directory, from the first weights file present, and its file name."""
+    if (path / "model.safetensors").exists():
+        from safetensors.numpy import load_file
+
+        return _read_safetensors(path / "model.safetensors", load_file), "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        from safetensors.numpy import load_file
+
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state |= _read_safetensors(path / shard, load_file)
+        return state, index.name
+    if (path / "pytorch_model.bin").exists():
+        return _read_torch_bin(path / "pytorch_model.bin"), "pytorch_model.bin"
+    if (path / "flax_model.msgpack").exists():
+        from flax import serialization
+
+        tree = serialization.msgpack_restore((path / "flax_model.msgpack").read_bytes())
+        return _flax_tree_to_hf_names(tree), "flax_model.msgpack"
+    present = sorted(p.name for p in path.iterdir())
+    refused = [p for p in present if p.endswith((".h5", ".ckpt", ".pt", ".pth", ".pkl"))]
+    hint = f" ({', '.join(refused)} cannot be read: convert to safetensors)" if refused else ""
+    raise LoadError(
+        f"no weights in {path}: expected model.safetensors, pytorch_model.bin or flax_model.msgpack "
+        f"beside config.json{hint}; found {present}"
+    )
+
+
+def _read_safetensors(file: Path, load_file) -> dict[str, np.ndarray]:
+    try:
+        return load_file(str(file))
+    except (TypeError, ValueError):  # bf16 has no numpy dtype: go through flax's reader
+        from safetensors.flax import load_file as load_jax
+
+        return {k: np.asarray(v.astype(jnp.float32)) for k, v in load_jax(str(file)).items()}
+
+
+def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as err:
+        raise LoadError(
+            f"reading {file.name} needs torch (pip install torch==2.13.0), or convert it to model.safetensors"
+        ) from err
+    try:
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError and friends
+        raise LoadError(
+            f"refusing to load {file}: it is not a plain tensor state dict loadable with weights_only=True ({err})"
+        ) from err
+    if not isinstance(state, dict):
+        raise LoadError(f"{file} holds a {type(state).__name__}, not a state dict")
+    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
+
+
+def _load_hf(path: Path, dtype) -> Transformer:
+    hf = json.loads((path / "config.json").read_text())
+    config = hf_config_to_ours(hf, name=hf.get("_name_or_path") or path.name)
+    state, file_name = _read_hf_weights(path)
+    arrays = hf_state_dict_to_ours(config, state, where=f" in {path / file_name}")
+    return build_model(config, arrays, dtype, f" in {path / file_name}")
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point
+
+
+def load_model(path_or_name: str | os.PathLike, *, dtype=jnp.float32) -> Transformer:
+    """Load a model from a local directory or a shipped name; nothing is downloaded.
+
+    Names: ``tracr-reverse``, ``tracr-xproportion``, ``induction`` (shipped in ``models/``), and
+    ``gpt2``/``gpt2-medium``/... when a Hugging Face directory of that name sits in ``models/``.
+    A directory holds either a Hugging Face GPT-2 checkpoint (``config.json`` plus
+    ``model.safetensors``, ``pytorch_model.bin`` read with ``weights_only=True``, or
+    ``flax_model.msgpack``), a tracr export (``config.json`` + ``weights.npz``) or an acdc-jax
+    checkpoint (``acdc_jax_config.json`` + ``weights.safetensors``).
+    """
+    key = str(path_or_name)
+    path = Path(path_or_name)
+    if not path.exists():
+        if key in SHIPPED_TRACR:
+            path = models_dir() / SHIPPED_TRACR[key]
+        elif key in SHIPPED_OWN:
+            path = models_dir() / SHIPPED_OWN[key]
+        elif key in GPT2_SHAPES:
+            path = models_dir() / key
+            if not path.exists():
+                raise LoadError(
+                    f"GPT-2 weights ({key!r}) are not shipped and cannot be downloaded here. Save a Hugging "
+                    f"Face checkpoint (config.json + model.safetensors) to a directory and pass its path, "
+                    f"or put it at {path}"
+                )
+        else:
+            raise LoadError(
+                f"no model {key!r}: not a directory, and not a shipped name ({', '.join(shipped_model_names())}) "
+                f"or a GPT-2 name ({', '.join(GPT2_SHAPES)}) with a directory in {models_dir()}"
+            )
+        if not path.exists():
+            raise LoadError(f"the shipped model {key!r} is missing from {path}; set ACDC_JAX_MODELS to the models/ folder")
+    if not path.is_dir():
+        raise LoadError(f"{path} is a file; pass the directory that holds config.json and the weights")
+    if (path / OWN_CONFIG_FILE).exists():
+        return _load_own(path, dtype)
+    if not (path / "config.json").exists():
+        raise LoadError(f"missing {path / 'config.json'}: not a Hugging Face, tracr or acdc-jax model directory")
+    if (path / "weights.npz").exists() and "tracr_compile" in (path / "config.json").read_text():
+        return _load_tracr(path, dtype)
+    return _load_hf(path, dtype)

@@ -1,0 +1,433 @@
+"""The transformer as a pure function of (params, gates, tokens).
+
+Parameters are Equinox modules whose per-layer leaves are stacked on a leading layer axis, so the
+layers run under one ``lax.scan``/``fori_loop`` and compile once. The ungated forward and the gated
+forward share the block code (``_attention``, ``_mlp``); they differ only in how each block's inputs
+are assembled: the ungated forward reads one residual stream, the gated forward builds every
+destination input from the sources it is connected to (see ``gated_forward``).
+
+Source order (the graph's and the caches'): ``embed``, then per layer the heads ``a{l}.0..H-1``
+followed by ``mlp{l}`` (if the model has MLPs).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+from ._config import TransformerConfig
+
+
+class InputError(ValueError):
+    """Inputs a model cannot take (token ids out of range, too long, wrong shape)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters
+
+
+class LayerNorm(eqx.Module):
+    w: Float[Array, "*layers d_model"]
+    b: Float[Array, "*layers d_model"]
+
+
+class Embed(eqx.Module):
+    W_E: Float[Array, "d_vocab d_model"]
+    W_pos: Float[Array, "n_ctx d_model"]
+
+
+class Attention(eqx.Module):
+    """Per-head weights in TransformerLens layout: ``q[h] = x @ W_Q[h] + b_Q[h]``."""
+
+    W_Q: Float[Array, "*layers n_heads d_model d_head"]
+    b_Q: Float[Array, "*layers n_heads d_head"]
+    W_K: Float[Array, "*layers n_heads d_model d_head"]
+    b_K: Float[Array, "*layers n_heads d_head"]
+    W_V: Float[Array, "*layers n_heads d_model d_head"]
+    b_V: Float[Array, "*layers n_heads d_head"]
+    W_O: Float[Array, "*layers n_heads d_head d_model"]
+    b_O: Float[Array, "*layers d_model"]
+
+
+class MLP(eqx.Module):
+    W_in: Float[Array, "*layers d_model d_mlp"]
+    b_in: Float[Array, "*layers d_mlp"]
+    W_out: Float[Array, "*layers d_mlp d_model"]
+    b_out: Float[Array, "*layers d_model"]
+
+
+class Block(eqx.Module):
+    """One transformer block; in ``Transformer.blocks`` every leaf has a leading layer axis."""
+
+    ln1: LayerNorm | None
+    attn: Attention
+    ln2: LayerNorm | None
+    mlp: MLP | None
+
+
+class Unembed(eqx.Module):
+    W_U: Float[Array, "d_model d_vocab_out"] | None  # None: tied to embed.W_E.T
+    b_U: Float[Array, " d_vocab_out"]
+
+
+class Transformer(eqx.Module):
+    """A transformer's parameters; calling it on tokens ``[batch, pos]`` gives logits ``[batch, pos, vocab]``.
+
+    ``precision`` is the matmul precision of every contraction. It defaults to ``"highest"`` so that
+    results are fp32-exact on GPUs and TPUs too (their default runs fp32 matmuls in TF32/bf16);
+    ``model.with_precision("default")`` trades that for speed.
+    """
+
+    config: TransformerConfig = eqx.field(static=True)
+    embed: Embed
+    blocks: Block
+    ln_final: LayerNorm | None
+    unembed: Unembed
+    precision: str = eqx.field(static=True, default="highest")
+
+    def __call__(
+        self,
+        tokens: Int[Array | np.ndarray, "batch pos"],
+        *,
+        positions: Int[Array | np.ndarray, "batch k"] | None = None,
+        pos_ids: Int[Array | np.ndarray, "*batch pos"] | None = None,
+    ) -> Float[Array, "batch pos_or_k d_vocab_out"]:
+        check_tokens(self.config, tokens)
+        as_array = lambda a: None if a is None else jnp.asarray(a)  # noqa: E731
+        return forward(self, jnp.asarray(tokens), positions=as_array(positions), pos_ids=as_array(pos_ids))
+
+    def with_precision(self, precision: str) -> "Transformer":
+        if precision not in ("highest", "high", "default"):
+            raise ValueError(f"precision must be 'highest', 'high' or 'default', got {precision!r}")
+        return eqx.tree_at(lambda m: m.precision, self, precision)
+
+    def astype(self, dtype) -> "Transformer":
+        """The same model with every floating-point parameter cast to ``dtype`` (e.g. float64 in tests)."""
+        return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, self)
+
+    @property
+    def dtype(self):
+        return self.embed.W_E.dtype
+
+    @property
+    def W_U(self) -> Float[Array, "d_model d_vocab_out"]:
+        return self.embed.W_E.T if self.unembed.W_U is None else self.unembed.W_U
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks (at the boundary, on concrete arrays only)
+
+
+def check_tokens(config: TransformerConfig, tokens) -> None:
+    """Raise ``InputError`` for tokens a model cannot read; does nothing on traced arrays."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    arr = np.asarray(tokens)
+    if arr.ndim != 2:
+        raise InputError(f"tokens must be an int array [batch, pos], got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"tokens must be integer ids, got dtype {arr.dtype}")
+    if arr.shape[1] > config.n_ctx:
+        raise InputError(
+            f"sequence length {arr.shape[1]} is longer than the model's n_ctx={config.n_ctx}; "
+            "truncate the prompts"
+        )
+    if arr.size and (arr.min() < 0 or arr.max() >= config.d_vocab):
+        bad = np.argwhere((arr < 0) | (arr >= config.d_vocab))[0]
+        raise InputError(
+            f"token id {int(arr[tuple(bad)])} at [batch={bad[0]}, pos={bad[1]}] is out of range "
+            f"for a vocabulary of {config.d_vocab}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces shared by both forwards
+
+
+def _lead(v: Array, ndim: int) -> Array:
+    """View a trailing-axis vector as broadcastable against an ``ndim`` array (explicit rank)."""
+    return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
+def _layer_norm(ln: LayerNorm | None, x: Array, eps: float) -> Array:
+    if ln is None:
+        return x
+    mean = x.mean(-1, keepdims=True)
+    centred = x - mean
+    var = (centred * centred).mean(-1, keepdims=True)
+    return centred * lax.rsqrt(var + eps) * _lead(ln.w, x.ndim) + _lead(ln.b, x.ndim)
+
+
+def _activation(name: str, x: Array) -> Array:
+    if name == "gelu_new":  # GPT-2's tanh approximation (also HF's gelu_pytorch_tanh)
+        return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "relu":
+        return jnp.maximum(x, 0)
+    if name == "silu":
+        return jax.nn.silu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def _embed(model: Transformer, tokens: Array, pos_ids: Array | None) -> Float[Array, "batch pos d_model"]:
+    n_pos = tokens.shape[1]
+    if pos_ids is None:
+        pos = model.embed.W_pos[:n_pos][None]
+    else:
+        pos = model.embed.W_pos[pos_ids]
+        if pos.ndim == 2:
+            pos = pos[None]
+    return model.embed.W_E[tokens] + pos
+
+
+def _attention(
+    cfg: TransformerConfig,
+    block: Block,
+    layer: Array,
+    q_in: Array,
+    k_in: Array,
+    v_in: Array,
+    precision,
+) -> Float[Array, "batch pos n_heads d_head"]:
+    """One layer's attention up to the mixed values ``z``.
+
+    Inputs are either one residual stream ``[batch, pos, d_model]`` shared by all heads or one
+    input per head ``[n_heads, batch, pos, d_model]`` (the gated forward).
+    """
+    eps = cfg.ln_eps
+    attn = block.attn
+
+    def project(x, W, b):
+        x = _layer_norm(block.ln1, x, eps)
+        spec = "bpd,hde->bphe" if x.ndim == 3 else "hbpd,hde->bphe"
+        return jnp.einsum(spec, x, W, precision=precision) + b[None, None]
+
+    q = project(q_in, attn.W_Q, attn.b_Q)
+    k = project(k_in, attn.W_K, attn.b_K)
+    v = project(v_in, attn.W_V, attn.b_V)
+    scale = cfg.attn_scale
+    if cfg.scale_attn_by_inverse_layer_idx:
+        scale = scale * (layer + 1).astype(q.dtype)
+    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, precision=precision) / scale
+    if cfg.causal:
+        n = scores.shape[-1]
+        allowed = jnp.tril(jnp.ones((n, n), dtype=bool))[None, None]
+        scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
+    pattern = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bhqk,bkhe->bqhe", pattern, v, precision=precision)
+
+
+def _mlp(cfg: TransformerConfig, block: Block, x: Array, precision) -> Float[Array, "batch pos d_model"]:
+    mlp = block.mlp
+    h = _layer_norm(block.ln2, x, cfg.ln_eps)
+    h = jnp.einsum("bpd,dm->bpm", h, mlp.W_in, precision=precision) + _lead(mlp.b_in, 3)
+    h = _activation(cfg.act_fn, h)
+    return jnp.einsum("bpm,md->bpd", h, mlp.W_out, precision=precision) + _lead(mlp.b_out, 3)
+
+
+def _unembed(model: Transformer, x: Array, positions: Array | None) -> Array:
+    if positions is not None:
+        x = jnp.take_along_axis(x, positions[:, :, None], axis=1)
+    x = _layer_norm(model.ln_final, x, model.config.ln_eps)
+    logits = jnp.einsum("bpd,dv->bpv", x, model.W_U, precision=model.precision)
+    return logits + _lead(model.unembed.b_U, 3)
+
+
+def _block_at(model: Transformer, layer) -> Block:
+    return jax.tree.map(lambda leaf: leaf[layer], model.blocks)
+
+
+# --------------------------------------------------------------------------------------------
+# Ungated forward
+
+
+class Sources(NamedTuple):
+    """Every source's output on one batch: ``values[s]`` in the graph's source order."""
+
+    values: Float[Array, "n_sources batch pos d_model"]
+    logits: Float[Array, "batch pos_or_k d_vocab_out"]
+
+
+def forward(
+    model: Transformer,
+    tokens: Int[Array, "batch pos"],
+    *,
+    positions: Int[Array, "batch k"] | None = None,
+    pos_ids: Array | None = None,
+) -> Float[Array, "batch pos_or_k d_vocab_out"]:
+    """The plain forward pass: one residual stream, no gates."""
+    return _residual_forward(model, tokens, positions, pos_ids, collect=False)[0]
+
+
+def run_with_sources(
+    model: Transformer,
+    tokens: Int[Array, "batch pos"],
+    *,
+    positions: Int[Array, "batch k"] | None = None,
+    pos_ids: Array | None = None,
+) -> Sources:
+    """The plain forward pass, also returning every source's output (heads without ``b_O``)."""
+    logits, values = _residual_forward(model, tokens, positions, pos_ids, collect=True)
+    return Sources(values=values, logits=logits)
+
+
+def _residual_forward(model, tokens, positions, pos_ids, collect: bool):
+    cfg = model.config
+    precision = model.precision
+    x = _embed(model, tokens, pos_ids)
+    embed_out = x
+
+    def layer_step(x, inputs):
+        block, layer = inputs
+        z = _attention(cfg, block, layer, x, x, x, precision)
+        if collect:
+            results = jnp.einsum("bqhe,hed->hbqd", z, block.attn.W_O, precision=precision)
+            x = x + (results.sum(0) + _lead(block.attn.b_O, 3))
+        else:
+            x = x + jnp.einsum("bqhe,hed->bqd", z, block.attn.W_O, precision=precision) + _lead(block.attn.b_O, 3)
+        outs = [results] if collect else []
+        if cfg.has_mlp:
+            m = _mlp(cfg, block, x, precision)
+            x = x + m
+            if collect:
+                outs.append(m[None])
+        return x, (jnp.concatenate(outs, axis=0) if collect else None)
+
+    x, per_layer = lax.scan(layer_step, x, (model.blocks, jnp.arange(cfg.n_layers)))
+    logits = _unembed(model, x, positions)
+    if not collect:
+        return logits, None
+    values = jnp.concatenate([embed_out[None], per_layer.reshape((-1,) + per_layer.shape[2:])], axis=0)
+    return logits, values
+
+
+# --------------------------------------------------------------------------------------------
+# Gated forward
+
+
+class DenseGates(NamedTuple):
+    """Gates laid out per destination over all sources; zero wherever there is no edge.
+
+    Without a position axis: ``attn [L, n_in, S]``, ``mlp [L, S]``, ``logits [S]``, where ``n_in`` is
+    ``3 * n_heads`` (rows ``3h + 0|1|2`` are head h's q|k|v inputs) or ``n_heads`` (one input per head).
+    With per-position gates a destination-position axis ``P`` follows the layer axis:
+    ``attn [L, P, n_in, S]``, ``mlp [L, P, S]``, ``logits [P, S]``.
+    """
+
+    attn: Array
+    mlp: Array | None
+    logits: Array
+
+
+class Ablation(eqx.Module):
+    """What a gate at 0 interpolates towards: an ablated value for every source.
+
+    ``values[s]`` is source s's ablated output (the corrupted run's, zeros or a mean); batch and
+    position axes may be 1 (broadcast). ``base_*`` are the destination inputs when every incoming
+    gate is 0: the ablated values of all earlier sources plus the constant ``b_O`` of earlier
+    attention layers, precomputed once.
+    """
+
+    values: Float[Array, "n_sources batch pos d_model"]
+    base_attn: Float[Array, "n_layers batch pos d_model"]
+    base_mlp: Float[Array, "n_layers batch pos d_model"] | None
+    base_logits: Float[Array, "batch pos d_model"]
+
+    @classmethod
+    def from_values(cls, model: Transformer, values: Array) -> "Ablation":
+        cfg = model.config
+        L, H, M = cfg.n_layers, cfg.n_heads, int(cfg.has_mlp)
+        if values.shape[0] != cfg.n_sources or values.ndim != 4 or values.shape[-1] != cfg.d_model:
+            raise InputError(
+                f"ablation values must have shape [n_sources={cfg.n_sources}, batch, pos, "
+                f"d_model={cfg.d_model}], got {values.shape}"
+            )
+        per_layer = values[1:].reshape((L, H + M) + values.shape[1:])
+        b_O = model.blocks.attn.b_O.reshape((L, 1, 1, cfg.d_model))
+        heads = per_layer[:, :H].sum(1) + b_O
+        layer_total = heads + per_layer[:, H] if M else heads
+        before = jnp.cumsum(layer_total, axis=0)
+        start = values[0][None]
+        base_attn = jnp.concatenate([start, start + before[:-1]], axis=0)
+        base_mlp = base_attn + heads if M else None
+        base_logits = values[0] + before[-1]
+        return cls(values=values, base_attn=base_attn, base_mlp=base_mlp, base_logits=base_logits)
+
+
+def gated_forward(
+    model: Transformer,
+    gates: DenseGates,
+    ablation: Ablation,
+    tokens: Int[Array, "batch pos"] | None = None,
+    *,
+    positions: Int[Array, "batch k"] | None = None,
+    pos_ids: Array | None = None,
+    start_layer: int | Array = 0,
+    deltas: Float[Array, "n_sources batch pos d_model"] | None = None,
+) -> Float[Array, "batch pos_or_k d_vocab_out"]:
+    """The forward pass in which every destination input is a gate-weighted interpolation.
+
+    For destination d and source s with gate ``g[d, s]``::
+
+        in_d = sum_s g[d,s] * x_s + (1 - g[d,s]) * x~_s  (+ b_O of earlier layers)
+             = base_d + sum_s g[d,s] * (x_s - x~_s)
+
+    where ``x_s`` is source s in this run and ``x~_s = ablation.values[s]``. The differences
+    ``delta_s = x_s - x~_s`` live in one buffer ``[n_sources, batch, pos, d_model]`` that each
+    layer reads with one einsum and writes its own sources into.
+
+    ``start_layer``/``deltas`` resume a run at a layer: ``deltas`` must hold the correct differences
+    for every source before ``start_layer`` (ACDC passes the clean run's, since layers below the
+    destination being pruned still see all gates at 1); the layers before it are not run. With a
+    traced ``start_layer`` the loop is a ``while_loop`` (one compilation for every start layer,
+    not reverse-differentiable); with a Python int it is a scan.
+    """
+    cfg = model.config
+    precision = model.precision
+    H, M = cfg.n_heads, int(cfg.has_mlp)
+    per_position = gates.logits.ndim == 2
+
+    if deltas is None:
+        if tokens is None:
+            raise ValueError("gated_forward needs tokens, or deltas to resume from")
+        embed_out = _embed(model, tokens, pos_ids)
+        batch, n_pos = tokens.shape
+        deltas = jnp.zeros((cfg.n_sources, batch, n_pos, cfg.d_model), embed_out.dtype)
+        deltas = deltas.at[0].set(embed_out - ablation.values[0])
+    n_pos = deltas.shape[2]
+    if per_position and gates.logits.shape[0] != n_pos:
+        raise InputError(f"per-position gates have {gates.logits.shape[0]} positions, the batch has {n_pos}")
+    read = "pds,sbpm->dbpm" if per_position else "ds,sbpm->dbpm"
+    read_one = "ps,sbpm->bpm" if per_position else "s,sbpm->bpm"
+
+    def layer_step(layer, deltas):
+        block = _block_at(model, layer)
+        first = 1 + layer * (H + M)
+        inputs = _lead(ablation.base_attn[layer], 4) + jnp.einsum(read, gates.attn[layer], deltas, precision=precision)
+        if inputs.shape[0] == 3 * H:
+            qkv = inputs.reshape((H, 3) + inputs.shape[1:])
+            q_in, k_in, v_in = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        else:
+            q_in = k_in = v_in = inputs
+        z = _attention(cfg, block, layer, q_in, k_in, v_in, precision)
+        results = jnp.einsum("bqhe,hed->hbqd", z, block.attn.W_O, precision=precision)
+        ablated = lax.dynamic_slice_in_dim(ablation.values, first, H, axis=0)
+        deltas = lax.dynamic_update_slice_in_dim(deltas, results - ablated, first, axis=0)
+        if M:
+            mlp_in = ablation.base_mlp[layer] + jnp.einsum(read_one, gates.mlp[layer], deltas, precision=precision)
+            out = _mlp(cfg, block, mlp_in, precision)
+            ablated = lax.dynamic_index_in_dim(ablation.values, first + H, axis=0, keepdims=False)
+            deltas = lax.dynamic_update_index_in_dim(deltas, out - ablated, first + H, axis=0)
+        return deltas
+
+    deltas = lax.fori_loop(start_layer, cfg.n_layers, layer_step, deltas)
+    final_in = ablation.base_logits + jnp.einsum(read_one, gates.logits, deltas, precision=precision)
+    return _unembed(model, final_in, positions)

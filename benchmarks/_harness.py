@@ -1,0 +1,113 @@
+"""Shared benchmark plumbing: timing that separates compilation from steady state, and a results log.
+
+Every benchmark appends records to ``benchmarks/results.jsonl`` (one JSON object per line, with the
+date, device, versions and settings) and re-renders ``benchmarks/results.md`` from that log.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+
+HERE = Path(__file__).parent
+LOG = HERE / "results.jsonl"
+TABLE = HERE / "results.md"
+
+
+def block(x):
+    return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
+
+
+def timed(fn: Callable, *args, repeats: int = 5) -> dict:
+    """Compile time (first call) and steady-state seconds (median of ``repeats`` later calls)."""
+    start = time.perf_counter()
+    block(fn(*args))
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        block(fn(*args))
+        times.append(time.perf_counter() - start)
+    steady = statistics.median(times)
+    return {"first_call_s": first, "compile_s": max(0.0, first - steady), "steady_s": steady, "steady_min_s": min(times)}
+
+
+def device_name() -> str:
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        cpu = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        import os
+
+        return f"CPU ({os.cpu_count()} cores, {cpu})"
+    return f"{dev.platform.upper()} {getattr(dev, 'device_kind', '')}".strip()
+
+
+def environment() -> dict:
+    import equinox
+
+    return {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "device": device_name(),
+        "n_devices": jax.device_count(),
+        "jax": jax.__version__,
+        "equinox": equinox.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def peak_memory_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: the process's peak RSS
+
+
+def record(benchmark: str, settings: dict, results: dict) -> dict:
+    entry = {"benchmark": benchmark, **environment(), "settings": settings, "results": results}
+    with LOG.open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+    render_table()
+    return entry
+
+
+def render_table() -> None:
+    rows = [json.loads(line) for line in LOG.read_text().splitlines() if line.strip()] if LOG.exists() else []
+    lines = [
+        "# Benchmark results",
+        "",
+        "Generated from `results.jsonl` by `benchmarks/_harness.py`; each row is one run of one script.",
+        "Times are steady-state medians; compilation is reported separately.",
+        "",
+        "| date | benchmark | device | settings | results |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
+        results = ", ".join(f"{k}={_fmt(v)}" for k, v in r["results"].items())
+        lines.append(f"| {r['date'][:10]} | {r['benchmark']} | {r['device']} | {settings} | {results} |")
+    notes = HERE / "NOTES.md"
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
+    TABLE.write_text("\n".join(lines) + "\n")
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

@@ -1,0 +1,92 @@
+"""Plain numpy references the tests compare the JAX code against (float64, loops, no cleverness)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from acdc_jax.graph import Graph
+from acdc_jax.models import Transformer, model_arrays
+
+
+def _params(model: Transformer) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, np.float64) for k, v in model_arrays(model).items()}
+
+
+def _ln(x, w, b, eps):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
+
+
+def _act(name, x):
+    if name == "relu":
+        return np.maximum(x, 0)
+    if name == "gelu_new":
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    raise NotImplementedError(name)
+
+
+def _softmax(s):
+    s = s - s.max(-1, keepdims=True)
+    e = np.exp(s)
+    return e / e.sum(-1, keepdims=True)
+
+
+def gate_of(graph: Graph, gates: np.ndarray, src: str, dst: str):
+    """The gate on edge src->dst: a scalar, or a [pos] vector for per-position gates."""
+    if graph.level == "node":
+        return gates[..., graph.index(src)]
+    g = gates[..., graph.index(f"{src}->{dst}")]
+    if graph.internal_edges and dst.startswith("a") and dst.count(".") == 2:
+        head = dst.rsplit(".", 1)[0]
+        g = g * gates[..., graph.index(f"{dst}->{head}")]
+    return g
+
+
+def gated_logits(model: Transformer, graph: Graph, tokens, gates, ablated_values) -> np.ndarray:
+    """in_d = sum_s g[d,s] x_s + (1 - g[d,s]) x~_s + (b_O of every earlier attention layer)."""
+    cfg = model.config
+    p = _params(model)
+    gates = np.asarray(gates, np.float64)
+    abl = np.asarray(ablated_values, np.float64)
+    tokens = np.asarray(tokens)
+    B, P = tokens.shape
+    ln = cfg.normalization == "ln"
+    x = {"embed": p["embed.W_E"][tokens] + p["embed.W_pos"][:P][None]}
+    abl_of = {name: np.broadcast_to(abl[i], (B, P, cfg.d_model)) for i, name in enumerate(graph.sources)}
+
+    def dst_input(dst, n_bias_layers):
+        total = sum(p["blocks.attn.b_O"][l] for l in range(n_bias_layers)) + np.zeros((B, P, cfg.d_model))
+        for src in graph.sources_of(dst):
+            g = gate_of(graph, gates, src, dst)
+            if np.ndim(g) == 1:  # per destination position
+                g = g[None, :, None]
+            total = total + g * x[src] + (1 - g) * abl_of[src]
+        return total
+
+    for l in range(cfg.n_layers):
+        for h in range(cfg.n_heads):
+            head = f"a{l}.{h}"
+            ins = {}
+            for t in "qkv":
+                ins[t] = dst_input(f"{head}.{t}" if graph.qkv_split else head, l)
+                if ln:
+                    ins[t] = _ln(ins[t], p["blocks.ln1.w"][l], p["blocks.ln1.b"][l], cfg.ln_eps)
+            q = ins["q"] @ p["blocks.attn.W_Q"][l, h] + p["blocks.attn.b_Q"][l, h]
+            k = ins["k"] @ p["blocks.attn.W_K"][l, h] + p["blocks.attn.b_K"][l, h]
+            v = ins["v"] @ p["blocks.attn.W_V"][l, h] + p["blocks.attn.b_V"][l, h]
+            scores = np.einsum("bqe,bke->bqk", q, k) / cfg.layer_attn_scale(l)
+            if cfg.causal:
+                scores = np.where(np.tril(np.ones((P, P), bool))[None], scores, -np.inf)
+            x[head] = np.einsum("bqk,bke->bqe", _softmax(scores), v) @ p["blocks.attn.W_O"][l, h]
+        if cfg.has_mlp:
+            m = dst_input(f"mlp{l}", l + 1)
+            if ln:
+                m = _ln(m, p["blocks.ln2.w"][l], p["blocks.ln2.b"][l], cfg.ln_eps)
+            hidden = _act(cfg.act_fn, m @ p["blocks.mlp.W_in"][l] + p["blocks.mlp.b_in"][l])
+            x[f"mlp{l}"] = hidden @ p["blocks.mlp.W_out"][l] + p["blocks.mlp.b_out"][l]
+    final = dst_input("logits", cfg.n_layers)
+    if ln:
+        final = _ln(final, p["ln_final.w"], p["ln_final.b"], cfg.ln_eps)
+    W_U = p["embed.W_E"].T if cfg.tied_unembed else p["unembed.W_U"]
+    return final @ W_U + p["unembed.b_U"]

@@ -1,0 +1,199 @@
+"""The gated forward: its invariants, its semantics against a plain reference, vmap, grad, tracing."""
+
+import chex
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import acdc_jax as aj
+from acdc_jax.models import run_with_sources
+
+from . import reference
+
+GRAPHS = {
+    "qkv": dict(qkv_split=True),
+    "head": dict(qkv_split=False),
+    "internal": dict(qkv_split=True, internal_edges=True),
+    "node": dict(qkv_split=True, level="node"),
+}
+
+
+def _tokens(model, batch=3, seed=0):
+    cfg = model.config
+    rng = np.random.RandomState(seed)
+    return rng.randint(0, cfg.d_vocab, (batch, cfg.n_ctx - 1))
+
+
+def _run(model, graph_kind="qkv", ablation="corrupt", seed=0):
+    graph = aj.Graph.from_model(model, **GRAPHS[graph_kind])
+    clean, corrupt = _tokens(model, seed=seed), _tokens(model, seed=seed + 1)
+    abl = aj.make_ablation(model, ablation, corrupt_tokens=corrupt, reference_tokens=_tokens(model, batch=5, seed=seed + 2))
+    return aj.GatedRun(model, graph, clean, abl), clean, corrupt
+
+
+@pytest.mark.parametrize("graph_kind", sorted(GRAPHS))
+def test_all_gates_one_gives_clean_logits(tiny_model, graph_kind):
+    run, clean, _ = _run(tiny_model, graph_kind)
+    np.testing.assert_allclose(run(run.graph.gates(1.0)), tiny_model(clean), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("graph_kind", sorted(GRAPHS))
+def test_all_gates_zero_gives_corrupted_logits(tiny_model, graph_kind):
+    run, _, corrupt = _run(tiny_model, graph_kind)
+    np.testing.assert_allclose(run(run.graph.gates(0.0)), tiny_model(corrupt), atol=1e-5, rtol=0)
+
+
+def test_zero_ablation_all_off_is_biases_only(tiny_model):
+    """With every gate at 0 under zero ablation the residual stream holds only the b_O constants."""
+    run, _, _ = _run(tiny_model, ablation="zero")
+    cfg = tiny_model.config
+    resid = tiny_model.blocks.attn.b_O.sum(0)
+    if tiny_model.ln_final is not None:
+        resid = (resid - resid.mean()) / jnp.sqrt(resid.var() + cfg.ln_eps) * tiny_model.ln_final.w + tiny_model.ln_final.b
+    expected = resid @ tiny_model.W_U + tiny_model.unembed.b_U
+    out = run(run.graph.gates(0.0))
+    np.testing.assert_allclose(out, jnp.broadcast_to(expected, out.shape), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("graph_kind", sorted(GRAPHS))
+@pytest.mark.parametrize("ablation", ["corrupt", "zero", "mean"])
+def test_matches_plain_reference(tiny_model, graph_kind, ablation):
+    """Random gates in [0, 1] (some exactly 0 or 1) against a loop-per-destination numpy reference."""
+    with jax.enable_x64(True):
+        model = tiny_model.astype(jnp.float64)
+        run, clean, _ = _run(model, graph_kind, ablation)
+        rng = np.random.RandomState(3)
+        gates = rng.uniform(size=run.graph.n_gates)
+        gates[rng.uniform(size=gates.shape) < 0.3] = 0.0
+        gates[rng.uniform(size=gates.shape) < 0.3] = 1.0
+        expected = reference.gated_logits(model, run.graph, clean, gates, run.ablation.values)
+        np.testing.assert_allclose(run(jnp.asarray(gates)), expected, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("graph_kind", ["qkv", "head", "node"])
+def test_per_position_gates_match_reference(tiny_model, graph_kind):
+    with jax.enable_x64(True):
+        model = tiny_model.astype(jnp.float64)
+        run, clean, _ = _run(model, graph_kind)
+        n_pos = clean.shape[1]
+        gates = np.random.RandomState(4).uniform(size=(n_pos, run.graph.n_gates))
+        expected = reference.gated_logits(model, run.graph, clean, gates, run.ablation.values)
+        np.testing.assert_allclose(run(jnp.asarray(gates)), expected, atol=1e-10, rtol=1e-10)
+        # the same gate at every position is the global gate
+        constant = np.broadcast_to(gates[0], gates.shape)
+        np.testing.assert_allclose(run(jnp.asarray(constant)), run(jnp.asarray(gates[0])), atol=1e-12, rtol=0)
+
+
+def test_gates_interpolate_linearly_where_the_model_is_linear():
+    """Without LayerNorm the logits are affine in the gates of edges into ``logits``."""
+    cfg = aj.TransformerConfig(
+        n_layers=2, n_heads=2, d_model=8, d_head=4, d_mlp=6, d_vocab=11, n_ctx=5, act_fn="relu",
+        normalization=None, causal=False, tied_unembed=False,
+    )
+    model = aj.init_model(cfg, jax.random.PRNGKey(1), std=0.5)
+    run, _, _ = _run(model)
+    graph = run.graph
+    into_logits = np.array([e.endswith("->logits") for e in graph.edges])
+
+    def logits_at(alpha):
+        return run(jnp.where(into_logits, alpha, 1.0))
+
+    mid = logits_at(0.25)
+    np.testing.assert_allclose(mid, 0.75 * logits_at(0.0) + 0.25 * logits_at(1.0), atol=1e-5, rtol=0)
+    assert np.abs(logits_at(0.0) - logits_at(1.0)).max() > 1e-2
+
+
+def test_node_gates_equal_their_expanded_edge_gates(tiny_model):
+    run_node, clean, _ = _run(tiny_model, "node")
+    run_edge = aj.GatedRun(tiny_model, aj.Graph.from_model(tiny_model), clean, run_node.ablation)
+    node_gates = np.random.RandomState(5).uniform(size=run_node.graph.n_gates)
+    edge_gates = np.array(
+        [node_gates[run_node.graph.index(src)] for src, _ in map(aj.Graph.split_edge, run_edge.graph.edges)]
+    )
+    np.testing.assert_allclose(run_node(node_gates), run_edge(edge_gates), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("graph_kind", ["qkv", "node"])
+def test_vmap_over_gate_configurations_equals_loop(tiny_model, graph_kind):
+    run, _, _ = _run(tiny_model, graph_kind)
+    gates = jax.random.uniform(jax.random.PRNGKey(7), (16, run.graph.n_gates))
+    looped = np.stack([np.asarray(run(g)) for g in gates])
+    np.testing.assert_allclose(run.batched(gates), looped, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(run.batched(gates, chunk_size=5), looped, atol=1e-6, rtol=1e-6)
+
+
+def test_chunked_vmap_handles_pytrees_and_padding():
+    xs = {"a": jnp.arange(11.0), "b": jnp.arange(22.0).reshape(11, 2)}
+    out = aj.chunked_vmap(lambda x: x["a"] * x["b"].sum(), xs, 4)
+    np.testing.assert_array_equal(out, jax.vmap(lambda x: x["a"] * x["b"].sum())(xs))
+
+
+@pytest.mark.parametrize("graph_kind", ["qkv", "internal", "node"])
+def test_gate_gradient_matches_central_differences(tiny_model, graph_kind):
+    with jax.enable_x64(True):
+        model = tiny_model.astype(jnp.float64)
+        run, _, _ = _run(model, graph_kind)
+        weights = jax.random.normal(jax.random.PRNGKey(2), run(run.graph.gates(1.0, jnp.float64)).shape, jnp.float64)
+
+        def f(gates):
+            return jnp.sum(jnp.tanh(run.logits(gates)) * weights)
+
+        gates = jax.random.uniform(jax.random.PRNGKey(3), (run.graph.n_gates,), jnp.float64)
+        grad = jax.jit(jax.grad(f))(gates)
+        picks = np.random.RandomState(0).choice(run.graph.n_gates, size=min(40, run.graph.n_gates), replace=False)
+        eps = 1e-5
+        f_jit = jax.jit(f)
+        for i in picks:
+            step = jnp.zeros_like(gates).at[i].set(eps)
+            numeric = (f_jit(gates + step) - f_jit(gates - step)) / (2 * eps)
+            np.testing.assert_allclose(grad[i], numeric, rtol=1e-6, atol=1e-9, err_msg=run.graph.name(int(i)))
+
+
+def test_changing_gate_values_does_not_retrace(tiny_model):
+    run, _, _ = _run(tiny_model)
+    chex.clear_trace_counter()  # chex counts traces per code object, across parametrisations
+
+    @eqx.filter_jit
+    @chex.assert_max_traces(n=1)
+    def metric(run, gates):
+        return run.logits(gates).sum()
+
+    for value in (1.0, 0.5, 0.0):
+        metric(run, run.graph.gates(value))
+    metric(run, jax.random.uniform(jax.random.PRNGKey(0), (run.graph.n_gates,)))
+
+
+def test_resuming_from_a_layer_with_clean_prefix_equals_full_run(tiny_model):
+    """ACDC's shortcut: with every gate below layer l at 1, running from l on clean deltas is exact."""
+    run, _, _ = _run(tiny_model)
+    graph = run.graph
+    layers = graph.edge_layers()
+    deltas = run.clean_deltas()
+    resume = eqx.filter_jit(aj.GatedRun.logits_from)  # one compilation: the start layer is traced
+    for start in range(tiny_model.config.n_layers + 1):
+        gates = jnp.where(layers >= start, jax.random.uniform(jax.random.PRNGKey(start), (graph.n_gates,)), 1.0)
+        np.testing.assert_allclose(resume(run, jnp.int32(start), deltas, gates), run(gates), atol=2e-6, rtol=0)
+
+
+def test_sources_sum_to_the_residual_stream(tiny_model):
+    """embed + every head + b_O + every MLP is exactly what the final LayerNorm reads."""
+    tokens = _tokens(tiny_model)
+    out = run_with_sources(tiny_model, jnp.asarray(tokens))
+    np.testing.assert_allclose(out.logits, tiny_model(tokens), atol=1e-5, rtol=0)
+    assert out.values.shape == (tiny_model.config.n_sources,) + tokens.shape + (tiny_model.config.d_model,)
+
+
+def test_gated_run_rejects_mismatched_shapes(tiny_model):
+    graph = aj.Graph.from_model(tiny_model)
+    clean = _tokens(tiny_model)
+    abl = aj.corrupt_ablation(tiny_model, clean[:, :-1])
+    with pytest.raises(aj.InputError, match="same shape, position by position"):
+        aj.GatedRun(tiny_model, graph, clean, abl)
+    other = aj.Graph(n_layers=5, n_heads=1, has_mlp=True)
+    with pytest.raises(aj.InputError, match="does not belong to this model"):
+        aj.GatedRun(tiny_model, other, clean, aj.zero_ablation(tiny_model))
+    run = aj.GatedRun(tiny_model, graph, clean, aj.zero_ablation(tiny_model))
+    with pytest.raises(aj.GraphError, match="gates must have shape"):
+        run(jnp.ones(graph.n_gates + 1))
