@@ -114,6 +114,12 @@ class GatedRun(eqx.Module):
         if self.positions is not None and (self.positions.ndim != 2 or self.positions.shape[0] != batch):
             raise InputError(f"positions must be [batch={batch}, k], got {self.positions.shape}")
 
+    def rows(self, index) -> "GatedRun":
+        """The same run on a subset of prompts."""
+        index = jnp.asarray(index)
+        positions = None if self.positions is None else self.positions[index]
+        return GatedRun(self.model, self.graph, self.tokens[index], self.ablation.rows(index), positions)
+
     # pure functions (call these inside your own jit/grad/vmap)
 
     def logits(self, gates: Float[Array, "*gate_pos n_gates"]) -> Float[Array, "batch k d_vocab_out"]:

@@ -341,6 +341,14 @@ class Ablation(eqx.Module):
     base_mlp: Float[Array, "n_layers batch pos d_model"] | None
     base_logits: Float[Array, "batch pos d_model"]
 
+    def rows(self, index) -> "Ablation":
+        """The ablation for a subset of prompts (axes broadcast over the batch stay as they are)."""
+
+        def take(x, axis):
+            return x if x is None or x.shape[axis] == 1 else jnp.take(x, jnp.asarray(index), axis=axis)
+
+        return Ablation(take(self.values, 1), take(self.base_attn, 1), take(self.base_mlp, 1), take(self.base_logits, 0))
+
     @classmethod
     def from_values(cls, model: Transformer, values: Array) -> "Ablation":
         cfg = model.config

@@ -1,0 +1,117 @@
+"""Discovery methods: one function each, all returning a ``Circuit``; ``discover`` runs any by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+
+import numpy as np
+
+from ..evaluate import precision_recall, roc_auc
+from ..graph import Level
+from ..models import Transformer, load_model
+from ..tasks import Task, get_task
+from ._circuit import Circuit
+from ._problem import Problem
+from .acdc import CheckpointMismatch, acdc, visit_order
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A discovery method: ``fn(problem, **options) -> Circuit`` and the graph level it works at."""
+
+    name: str
+    fn: Callable[..., Circuit]
+    level: Level = "edge"
+    uses_discovery_metric: bool = True  # prunes with the task's discovery metric (else its paper metric)
+    summary: str = ""
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> None:
+    _METHODS[spec.name] = spec
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> MethodSpec:
+    if name in _METHODS:
+        return _METHODS[name]
+    close = difflib.get_close_matches(name, method_names(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown method {name!r}: choose one of {', '.join(method_names())}{hint}")
+
+
+register_method(MethodSpec("acdc", acdc, "edge", True, "ACDC: greedy exact pruning in reverse topological order"))
+register_method(MethodSpec(
+    "acdc-nodes", acdc, "node", True, "ACDC over nodes (heads and MLPs as units): a cheaper first pass",
+))
+
+
+def discover(
+    model: Transformer | str,
+    task: Task | str,
+    method: str = "acdc",
+    *,
+    qkv_split: bool = True,
+    internal_edges: bool = False,
+    metric: str | None = None,
+    ablation: str | None = None,
+    **options,
+) -> Circuit:
+    """Run a discovery method by name on a model and task (each may be given by name).
+
+    The graph is q/k/v-split by default (``qkv_split=False`` for one input per head;
+    ``internal_edges=True`` for ACDC's full graph). ``metric`` defaults to the task's discovery
+    metric (KL for most tasks) for pruning methods and to the task's own metric for attribution
+    methods; ``ablation`` defaults to the task's. When the task has a canonical circuit,
+    ``circuit.extra`` gets ``auc``, ``precision`` and ``recall`` against it.
+    """
+    spec = get_method(method)
+    task = get_task(task) if isinstance(task, str) else task
+    if isinstance(model, str):
+        model = load_model(model)
+    if metric is None:
+        metric = task.discovery_metric if spec.uses_discovery_metric else task.metric
+    problem = Problem.build(
+        model, task, qkv_split=qkv_split, level=spec.level, internal_edges=internal_edges, metric=metric, ablation=ablation
+    )
+    circuit = spec.fn(problem, **options)
+    circuit.method = spec.name
+    attach_reference_scores(circuit, task)
+    return circuit
+
+
+def attach_reference_scores(circuit: Circuit, task: Task) -> None:
+    """Add ``auc``, ``precision`` and ``recall`` against the task's canonical circuit, when it has one."""
+    canonical = task.canonical
+    if canonical is None or (circuit.graph.level == "edge" and not canonical.has_edges):
+        return
+    labels = canonical.labels(circuit.graph)
+    if labels.all() or not labels.any():
+        return
+    circuit.extra["auc"] = roc_auc(circuit.scores, labels)
+    precision, recall = precision_recall(circuit.kept_mask(), labels)
+    circuit.extra["precision"] = precision
+    circuit.extra["recall"] = recall
+    circuit.extra["reference"] = {"ablation": canonical.ablation, "n_units": int(labels.sum()), "source": canonical.source}
+
+
+__all__ = [
+    "CheckpointMismatch",
+    "Circuit",
+    "MethodSpec",
+    "Problem",
+    "acdc",
+    "attach_reference_scores",
+    "discover",
+    "get_method",
+    "method_names",
+    "register_method",
+    "visit_order",
+]

@@ -1,0 +1,346 @@
+"""ACDC (Conmy et al. 2023): greedy pruning of edges in reverse topological order, exactly, in batches.
+
+The algorithm, as in ACDC's ``TLACDCExperiment.step``: visit destination inputs from ``logits``
+backwards; for each incoming edge (latest source first) tentatively ablate it and compute
+``result = loss(after) - loss(before)`` on a lower-is-better metric (``abs`` of it with
+``abs_value=True``); the edge stays ablated when ``result < threshold``, otherwise it is restored.
+A destination whose node no longer feeds anything (all its outgoing edges ablated) has all its
+incoming edges ablated without evaluation, as ACDC does. The score recorded for an edge is its
+signed ``result`` (0 for edges ablated without evaluation).
+
+Visit order within a layer follows ACDC's graph: the MLP input, then for q, k and v in turn the
+internal ``a.h.t->a.h`` edges of all heads (last head first, when the graph lists them) and the
+``a.h.t`` inputs of all heads (last head first).
+
+**Speculative prefix batching.** For the next k undecided edges e1..ek of one destination, one
+vmapped call evaluates the current gating and the cumulative removals {e1}, {e1,e2}, ...; walking
+that batch reproduces the sequential decisions until the first kept edge, after which the next
+batch starts. Every batch's evaluations start at the destination's layer on cached clean
+differences: layers below it still have all gates at 1, so their sources are clean. Batch sizes
+come from a few compiled buckets and adapt (they grow while edges are removed and shrink after a
+keep); decisions do not depend on them. Checkpoints are written at batch boundaries, with the
+adaptive state, so a resumed run replays exactly the batches of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..graph import Graph
+from ..metrics import Metric, get_metric
+from ..patching import auto_chunk_size, chunked_vmap
+from ._circuit import Circuit
+from ._problem import Problem
+
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint written by a different run (other task, model, graph or settings)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """Gate units decided together: the incoming edges of one destination (or one node-level sweep)."""
+
+    name: str
+    units: np.ndarray  # gate indices, in visit order
+    layers: np.ndarray  # start layer for evaluating each unit's removal
+    consumer: int = -1  # source index that must still feed something (-1: always connected)
+    via: int = -1  # internal edge that must still be kept too (-1: none)
+
+
+def visit_order(graph: Graph) -> list[_Group]:
+    """ACDC's visit order for ``graph`` (see the module docstring)."""
+    if graph.level == "node":
+        units = np.arange(graph.n_gates)[::-1]
+        layers = np.array([_source_layer(graph, graph.gate_names[u]) for u in units], np.int32)
+        return [_Group("nodes", units, layers)]
+    src_index = {name: i for i, name in enumerate(graph.sources)}
+    edge_of = graph._edge_index
+
+    def into(dst: str, layer: int, consumer: int, via: int = -1) -> _Group:
+        units = np.array([edge_of[f"{src}->{dst}"] for src in reversed(graph.sources_of(dst))], np.int32)
+        return _Group(dst, units, np.full(len(units), layer, np.int32), consumer, via)
+
+    groups = [into("logits", graph.n_layers, -1)]
+    for layer in reversed(range(graph.n_layers)):
+        if graph.has_mlp:
+            groups.append(into(f"mlp{layer}", layer, src_index[f"mlp{layer}"]))
+        heads = list(reversed(range(graph.n_heads)))
+        for t in ("q", "k", "v") if graph.qkv_split else (None,):
+            if graph.internal_edges:
+                for h in heads:
+                    internal = edge_of[f"a{layer}.{h}.{t}->a{layer}.{h}"]
+                    groups.append(_Group(f"a{layer}.{h}.{t}->a{layer}.{h}", np.array([internal], np.int32),
+                                         np.array([layer], np.int32), src_index[f"a{layer}.{h}"]))
+            for h in heads:
+                dst = f"a{layer}.{h}.{t}" if t else f"a{layer}.{h}"
+                via = edge_of[f"{dst}->a{layer}.{h}"] if graph.internal_edges else -1
+                groups.append(into(dst, layer, src_index[f"a{layer}.{h}"], via))
+    return groups
+
+
+def _source_layer(graph: Graph, source: str) -> int:
+    if source == "embed":
+        return 0
+    return int(source[1:].split(".")[0]) if source.startswith("a") else int(source[3:])
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@eqx.filter_jit
+def _candidate_losses(problem: Problem, start_layer, deltas, gates, unit_ids, n_valid, chunk: int):
+    """Loss of the current gating (row 0) and of the cumulative removals of ``unit_ids[:j]`` (row j)."""
+    size = unit_ids.shape[0]
+    row = jnp.arange(size + 1)[:, None]
+    col = jnp.arange(size)[None, :]
+    keep = jnp.where((col < row) & (col < n_valid), 0.0, 1.0).astype(gates.dtype)
+    candidates = jnp.broadcast_to(gates, (size + 1,) + gates.shape)
+    candidates = candidates.at[jnp.broadcast_to(row, keep.shape), jnp.broadcast_to(unit_ids[None, :], keep.shape)].multiply(keep)
+    return chunked_vmap(lambda g: problem.loss_from(start_layer, deltas, g), candidates, chunk)
+
+
+def _buckets(max_batch: int) -> list[int]:
+    sizes, size = [], 1
+    while size < max_batch:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_batch]
+
+
+def _fingerprint(problem: Problem, settings: dict) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    digest.update(json.dumps(dataclasses.asdict(problem.graph), sort_keys=True).encode())
+    digest.update(json.dumps(problem.model.config.to_dict(), sort_keys=True).encode())
+    for leaf in jax.tree.leaves(problem.model) + [problem.run.tokens, problem.run.positions, problem.run.ablation.values]:
+        arr = np.asarray(leaf)
+        digest.update(str(arr.shape).encode())
+        digest.update(np.ascontiguousarray(arr).tobytes()[:1 << 20])
+        digest.update(np.float64(arr.astype(np.float64).sum()).tobytes())
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def acdc(
+    problem: Problem,
+    *,
+    threshold: float,
+    metric: str | Metric | None = None,
+    abs_value: bool = False,
+    max_batch: int = 64,
+    chunk_size: int | None = None,
+    nodes: set[str] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 30.0,
+    progress: Callable[[dict], None] | None = None,
+) -> Circuit:
+    """Run ACDC on ``problem`` and return the pruned circuit.
+
+    - ``threshold``: tau >= 0; an edge is pruned when ablating it changes the loss by less.
+    - ``metric``: the pruning metric (default: the problem's); it is used lower-is-better.
+    - ``abs_value``: compare ``|result|`` with tau (ACDC's ``abs_value_threshold``).
+    - ``max_batch``: largest speculative batch; ``chunk_size`` bounds how many gate configurations
+      are in memory at once (default: what fits).
+    - ``nodes``: restrict the search to edges between these nodes (``embed`` and ``logits`` are
+      always included); other edges are ablated up front without evaluation (score NaN). Use the
+      kept nodes of a node-level run to prune the search space.
+    - ``checkpoint``: a JSON file written every ``checkpoint_every`` seconds and at the end; if it
+      exists from the same run, the run resumes from it.
+    - ``progress``: called after every batch with ``edges_done``, ``n_edges``, ``kept``, ``metric``.
+    """
+    if not np.isfinite(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be a number >= 0, got {threshold}")
+    if metric is not None:
+        problem = problem.with_metric(_resolve(problem, metric))
+    started = time.perf_counter()
+    graph = problem.graph
+    groups = visit_order(graph)
+    n = graph.n_gates
+    gates = np.ones(n, np.float32)
+    scores = np.full(n, np.nan)
+
+    out_of_scope = np.zeros(n, bool)
+    if nodes is not None:
+        out_of_scope = _outside(graph, set(nodes) | {"embed", "logits"})
+        gates[out_of_scope] = 0.0
+
+    settings = {
+        "threshold": float(threshold),
+        "metric": problem.metric.name,
+        "metric_options": [list(o) for o in problem.metric.options],
+        "abs_value": bool(abs_value),
+        "ablation": problem.ablation,
+        "nodes": sorted(nodes) if nodes is not None else None,
+        "max_batch": int(max_batch),
+    }
+    fingerprint = _fingerprint(problem, settings)
+    state = {"group": 0, "position": 0, "cap": 2, "evaluations": 0, "batches": 0}
+    ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    if ckpt_path is not None and ckpt_path.exists():
+        saved = json.loads(ckpt_path.read_text())
+        if saved.get("version") != CHECKPOINT_VERSION or saved.get("fingerprint") != fingerprint:
+            raise CheckpointMismatch(
+                f"{ckpt_path} was written by a different ACDC run (task, model, graph or settings differ); "
+                "delete it or pass another checkpoint path"
+            )
+        gates = np.asarray(saved["gates"], np.float32)
+        scores = np.array([np.nan if s is None else s for s in saved["scores"]], np.float64)
+        state = saved["state"]
+    elapsed_before = float(state.get("seconds", 0.0))
+
+    deltas = problem.run.clean_deltas()
+    buckets = _buckets(max_batch)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(problem.run, max_batch + 1)
+    outgoing = _outgoing_edges(graph)
+    last_save = time.perf_counter()
+    cur_loss = float("nan")
+
+    def report(done: int):
+        if progress is not None:
+            progress({"edges_done": done, "n_edges": n, "kept": int(gates.sum()), "metric": _shown(problem, cur_loss)})
+
+    def save(final: bool = False):
+        if ckpt_path is None:
+            return
+        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(ckpt_path, {
+            "version": CHECKPOINT_VERSION,
+            "fingerprint": fingerprint,
+            "settings": settings,
+            "state": {**state, "seconds": elapsed_before + time.perf_counter() - started},
+            "gates": gates.tolist(),
+            "scores": [None if np.isnan(s) else float(s) for s in scores],
+            "finished": final,
+        })
+
+    while state["group"] < len(groups):
+        group = groups[state["group"]]
+        units = group.units
+        if state["position"] == 0 and not _connected(group, gates, outgoing):
+            gates[units] = 0.0
+            scores[units[~out_of_scope[units]]] = 0.0
+        else:
+            pos = state["position"]
+            while True:
+                in_scope = [p for p in range(pos, len(units)) if not out_of_scope[units[p]]]
+                if not in_scope:
+                    break
+                size = next(b for b in buckets if b >= min(len(in_scope), state["cap"]))
+                take = np.asarray(in_scope[:size])
+                ids = np.full(size, units[take[0]], np.int32)
+                ids[: len(take)] = units[take]
+                start_layer = int(group.layers[take].min())
+                losses = np.asarray(_candidate_losses(
+                    problem, jnp.int32(start_layer), deltas, jnp.asarray(gates), jnp.asarray(ids),
+                    jnp.int32(len(take)), int(chunk_size),
+                ), np.float64)
+                state["evaluations"] += size + 1
+                state["batches"] += 1
+                kept_at = None
+                for j, p in enumerate(take, start=1):
+                    unit = units[p]
+                    result = losses[j] - losses[j - 1]
+                    scores[unit] = result
+                    pos = p + 1
+                    if (abs(result) if abs_value else result) < threshold:
+                        gates[unit] = 0.0
+                        cur_loss = losses[j]
+                    else:
+                        cur_loss = losses[j - 1]
+                        kept_at = j
+                        break
+                # grow the speculation while everything is pruned; after a keep, shrink to about where it happened
+                state["cap"] = min(max_batch, 2 * state["cap"]) if kept_at is None else max(1, 1 << (kept_at - 1).bit_length())
+                state["position"] = pos
+                report(_count_done(groups, state["group"], pos))
+                if time.perf_counter() - last_save >= checkpoint_every:
+                    save()
+                    last_save = time.perf_counter()
+        state["group"] += 1
+        state["position"] = 0
+        report(_count_done(groups, state["group"], 0))
+
+    save(final=True)
+    kept = tuple(graph.gate_names[i] for i in np.flatnonzero(gates > 0))
+    final_gates = jnp.asarray(gates)
+    circuit = Circuit(
+        method="acdc",
+        task=problem.task_name,
+        graph=graph,
+        scores=scores,
+        kept=kept,
+        metric=problem.metric.name,
+        ablation=problem.ablation,
+        threshold=float(threshold),
+        metric_value=problem.evaluate(final_gates),
+        seconds=elapsed_before + time.perf_counter() - started,
+        settings=settings,
+        extra={"evaluations": state["evaluations"], "batches": state["batches"]},
+    )
+    return circuit
+
+
+def _resolve(problem: Problem, metric: str | Metric) -> Metric:
+    """A metric by name; the problem's own options carry over when it is the same metric."""
+    if isinstance(metric, Metric):
+        return metric
+    if metric == problem.metric.name:
+        return problem.metric
+    return get_metric(metric)
+
+
+def _shown(problem: Problem, loss: float) -> float:
+    """A loss back on the metric's own scale (negated again for higher-is-better metrics)."""
+    return -loss if problem.metric.higher_is_better else loss
+
+
+def _count_done(groups: list[_Group], group_index: int, position: int) -> int:
+    return int(sum(len(g.units) for g in groups[:group_index]) + position)
+
+
+def _outgoing_edges(graph: Graph) -> dict[int, np.ndarray]:
+    """Residual edges out of each source, as gate indices (edge-level graphs)."""
+    if graph.level == "node":
+        return {}
+    _, kind, _, srcs = graph._edge_table
+    return {s: np.flatnonzero((kind == 0) & (srcs == s)) for s in range(graph.n_sources)}
+
+
+def _connected(group: _Group, gates: np.ndarray, outgoing: dict[int, np.ndarray]) -> bool:
+    if group.consumer < 0:
+        return True
+    if not np.any(gates[outgoing[group.consumer]] > 0):
+        return False
+    return group.via < 0 or gates[group.via] > 0
+
+
+def _outside(graph: Graph, nodes: set[str]) -> np.ndarray:
+    """Edges with an endpoint outside ``nodes`` (destinations count by the node they feed)."""
+    if graph.level == "node":
+        return np.array([name not in nodes for name in graph.gate_names])
+    out = np.zeros(graph.n_gates, bool)
+    for i, name in enumerate(graph.edges):
+        src, dst = graph.split_edge(name)
+        owner = dst if dst in ("logits",) or dst.startswith("mlp") else ".".join(dst.split(".")[:2])
+        out[i] = src not in nodes or owner not in nodes
+    return out

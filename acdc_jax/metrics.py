@@ -1,0 +1,155 @@
+"""Task metrics as pure functions of the logits at the positions a task reads.
+
+Every metric is ``fn(logits, inputs) -> scalar`` where ``logits`` is ``[batch, k, vocab]`` (the
+unembedding at the task's read positions, see ``GatedRun.positions``) and ``inputs`` holds what
+the metric compares against: the clean model's logits there, answer and wrong-answer tokens, or
+answer masks. A ``Metric`` also says which direction is better, which ACDC and the faithfulness
+curves need; ``Metric.loss`` is the metric turned so that lower is always better.
+
+Sign conventions, per metric:
+- ``kl``: KL(clean || patched), mean over prompts and read positions; 0 for the clean model, lower is better.
+- ``logit_diff``: logit(answer) - logit(wrong answer), mean over prompts; higher is better.
+  With several wrong answers per prompt, ``wrong_reduce`` picks their ``max`` (Docstring's "best
+  wrong answer") or ``mean``.
+- ``prob_diff``: sum of probabilities on ``answer_mask`` minus on ``wrong_mask`` (Greater-Than:
+  years > YY minus years <= YY); higher is better.
+- ``nll``: -log p(answer), mean; lower is better.
+- ``l2`` (ACDC's tracr metric, also ``mse``): mean over prompts, read positions and ``logit_dims``
+  of (logits - clean_logits)^2; 0 for the clean model, lower is better.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, Scalar
+
+
+class MetricInputs(eqx.Module):
+    """What a metric compares the patched logits with (all at the task's read positions)."""
+
+    clean_logits: Float[Array, "batch k vocab"]
+    answers: Int[Array, "batch n_answers"] | None = None
+    wrong_answers: Int[Array, "batch n_wrong"] | None = None
+    answer_mask: Bool[Array, "batch vocab"] | None = None
+    wrong_mask: Bool[Array, "batch vocab"] | None = None
+    read_mask: Float[Array, "batch k"] | None = None  # weights of the read positions (1 = counts)
+
+    def subset(self, index) -> "MetricInputs":
+        return jax.tree.map(lambda x: x[index], self)
+
+
+MetricFn = Callable[[Array, MetricInputs], Scalar]
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A named metric with its direction; hashable, so it can be a static argument of ``jit``."""
+
+    name: str
+    fn: MetricFn = dataclasses.field(compare=False)
+    higher_is_better: bool
+    description: str = dataclasses.field(default="", compare=False)
+    options: tuple = ()
+
+    def __call__(self, logits: Array, inputs: MetricInputs) -> Scalar:
+        return self.fn(logits, inputs)
+
+    def loss(self, logits: Array, inputs: MetricInputs) -> Scalar:
+        """The metric turned so that lower is better (negated when higher is better)."""
+        value = self.fn(logits, inputs)
+        return -value if self.higher_is_better else value
+
+
+def _mean_over_reads(values: Array, inputs: MetricInputs) -> Scalar:
+    """Mean of ``[batch, k]`` values over prompts and (weighted) read positions."""
+    if inputs.read_mask is None:
+        return values.mean()
+    return (values * inputs.read_mask).sum() / inputs.read_mask.sum()
+
+
+def _last_read(logits: Array) -> Array:
+    """Answer metrics read one position per prompt: the last of the read positions."""
+    return logits[:, -1, :]
+
+
+def kl_divergence(logits, inputs: MetricInputs):
+    clean = jax.nn.log_softmax(inputs.clean_logits, axis=-1)
+    patched = jax.nn.log_softmax(logits, axis=-1)
+    kl = (jnp.exp(clean) * (clean - patched)).sum(-1)
+    return _mean_over_reads(kl, inputs)
+
+
+def _answer_logits(logits, index):
+    return jnp.take_along_axis(_last_read(logits), index, axis=-1)
+
+
+def logit_diff(logits, inputs: MetricInputs, wrong_reduce: str = "mean"):
+    right = _answer_logits(logits, inputs.answers).mean(-1)
+    wrong = _answer_logits(logits, inputs.wrong_answers)
+    wrong = wrong.max(-1) if wrong_reduce == "max" else wrong.mean(-1)
+    return (right - wrong).mean()
+
+
+def prob_diff(logits, inputs: MetricInputs):
+    probs = jax.nn.softmax(_last_read(logits), axis=-1)
+    if inputs.answer_mask is not None:
+        right = (probs * inputs.answer_mask).sum(-1)
+        wrong = (probs * inputs.wrong_mask).sum(-1)
+    else:
+        right = jnp.take_along_axis(probs, inputs.answers, axis=-1).sum(-1)
+        wrong = jnp.take_along_axis(probs, inputs.wrong_answers, axis=-1).sum(-1)
+    return (right - wrong).mean()
+
+
+def neg_log_prob(logits, inputs: MetricInputs):
+    """-log p(answer); with k read positions, ``answers`` is ``[batch, k]``: one per position."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    if inputs.answers.shape[1] == logits.shape[1]:
+        picked = jnp.take_along_axis(logp, inputs.answers[:, :, None], axis=-1)[:, :, 0]
+        return -_mean_over_reads(picked, inputs)
+    return -jnp.take_along_axis(_last_read(logp), inputs.answers, axis=-1).mean()
+
+
+def l2_distance(logits, inputs: MetricInputs, logit_dims: tuple[int, ...] | None = None):
+    diff = logits - inputs.clean_logits
+    if logit_dims is not None:
+        diff = diff[..., jnp.asarray(logit_dims)]
+    return _mean_over_reads((diff * diff).mean(-1), inputs)
+
+
+def _make(name: str, options: tuple = ()) -> Metric:
+    opts = dict(options)
+    if name == "kl":
+        return Metric("kl", kl_divergence, False, "KL(clean || patched) at the read positions", options)
+    if name == "logit_diff":
+        reduce = opts.get("wrong_reduce", "mean")
+        return Metric(
+            "logit_diff", lambda l, i: logit_diff(l, i, reduce), True, f"logit(answer) - {reduce} logit(wrong answers)", options
+        )
+    if name == "prob_diff":
+        return Metric("prob_diff", prob_diff, True, "p(answers) - p(wrong answers)", options)
+    if name == "nll":
+        return Metric("nll", neg_log_prob, False, "-log p(answer)", options)
+    if name in ("l2", "mse"):
+        dims = opts.get("logit_dims")
+        dims = None if dims is None else tuple(dims)
+        return Metric(name, lambda l, i: l2_distance(l, i, dims), False, "mean squared distance to the clean logits", options)
+    close = difflib.get_close_matches(name, METRIC_NAMES, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown metric {name!r}: choose one of {', '.join(METRIC_NAMES)}{hint}")
+
+
+METRIC_NAMES = ("kl", "logit_diff", "prob_diff", "nll", "l2", "mse")
+
+
+def get_metric(name: str | Metric, **options) -> Metric:
+    """A metric by name; options (``wrong_reduce``, ``logit_dims``) become part of its identity."""
+    if isinstance(name, Metric):
+        return name
+    return _make(name, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items())))
