@@ -192,7 +192,7 @@ class Graph:
     def edge_index(self, name: str) -> int:
         return self._edge_index[self._check_name(name, self._edge_index, "edge")]
 
-    def edge_name(self, index: int) -> str:
+    def edge_name(self, index: int | np.integer) -> str:
         return self.edges[index]
 
     @staticmethod
@@ -228,7 +228,7 @@ class Graph:
     def indices(self, names: Iterable[str]) -> np.ndarray:
         return np.array([self.index(n) for n in names], dtype=np.int32)
 
-    def name(self, index: int) -> str:
+    def name(self, index: int | np.integer) -> str:
         return self.gate_names[index]
 
     def gates(self, value: float = 1.0, dtype=jnp.float32) -> Float[Array, " n_gates"]:

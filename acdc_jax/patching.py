@@ -140,8 +140,7 @@ class GatedRun(eqx.Module):
 
     def clean_deltas(self) -> Float[Array, "n_sources batch pos d_model"]:
         """``x_s - x~_s`` for every source on the clean run: the state of a run with all gates at 1."""
-        values = run_with_sources(self.model, self.tokens).values
-        return values - self.ablation.values
+        return _sources(self.model, self.tokens, None) - self.ablation.values
 
     # jitted entry points
 

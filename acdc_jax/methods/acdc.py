@@ -39,11 +39,14 @@ import numpy as np
 
 from ..graph import Graph
 from ..metrics import Metric, get_metric
-from ..patching import auto_chunk_size, chunked_vmap
+from ..patching import auto_chunk_size
 from ._circuit import Circuit
 from ._problem import Problem
 
 CHECKPOINT_VERSION = 1
+# Configurations evaluated per vmapped call: the granularity of speculation. A handful of gate
+# configurations over a whole prompt batch already fills an accelerator.
+DEFAULT_CHUNK = 8
 
 
 class CheckpointMismatch(ValueError):
@@ -103,22 +106,31 @@ def _source_layer(graph: Graph, source: str) -> int:
 
 @eqx.filter_jit
 def _candidate_losses(problem: Problem, start_layer, deltas, gates, unit_ids, n_valid, chunk: int):
-    """Loss of the current gating (row 0) and of the cumulative removals of ``unit_ids[:j]`` (row j)."""
+    """Loss of the current gating (row 0) and of the cumulative removals of ``unit_ids[:j]`` (row j).
+
+    ``unit_ids`` has a fixed length (the largest speculation) so this compiles once; only the rows
+    up to ``n_valid`` are evaluated, ``chunk`` configurations at a time in a loop with a dynamic
+    trip count. Rows past ``n_valid`` come back as NaN.
+    """
     size = unit_ids.shape[0]
-    row = jnp.arange(size + 1)[:, None]
-    col = jnp.arange(size)[None, :]
-    keep = jnp.where((col < row) & (col < n_valid), 0.0, 1.0).astype(gates.dtype)
-    candidates = jnp.broadcast_to(gates, (size + 1,) + gates.shape)
-    candidates = candidates.at[jnp.broadcast_to(row, keep.shape), jnp.broadcast_to(unit_ids[None, :], keep.shape)].multiply(keep)
-    return chunked_vmap(lambda g: problem.loss_from(start_layer, deltas, g), candidates, chunk)
+    n_rows = n_valid + 1
+    cols = jnp.arange(size)
 
+    def losses_of(rows):
+        keep = jnp.where((cols[None, :] < rows[:, None]) & (cols[None, :] < n_valid), 0.0, 1.0).astype(gates.dtype)
+        candidates = jnp.broadcast_to(gates, (rows.shape[0],) + gates.shape)
+        index = (jnp.broadcast_to(jnp.arange(rows.shape[0])[:, None], keep.shape), jnp.broadcast_to(unit_ids[None, :], keep.shape))
+        candidates = candidates.at[index].multiply(keep)
+        return jax.vmap(lambda g: problem.loss_from(start_layer, deltas, g))(candidates)
 
-def _buckets(max_batch: int) -> list[int]:
-    sizes, size = [], 1
-    while size < max_batch:
-        sizes.append(size)
-        size *= 2
-    return sizes + [max_batch]
+    def body(i, out):
+        rows = jnp.minimum(i * chunk + jnp.arange(chunk), size)
+        return out.at[rows].set(losses_of(rows))
+
+    out = jnp.full((size + 1,), jnp.nan, deltas.dtype)
+    n_chunks = (n_rows + chunk - 1) // chunk
+    out = jax.lax.fori_loop(0, n_chunks, body, out)
+    return jnp.where(jnp.arange(size + 1) < n_rows, out, jnp.nan)
 
 
 def _fingerprint(problem: Problem, settings: dict) -> str:
@@ -158,8 +170,8 @@ def acdc(
     - ``threshold``: tau >= 0; an edge is pruned when ablating it changes the loss by less.
     - ``metric``: the pruning metric (default: the problem's); it is used lower-is-better.
     - ``abs_value``: compare ``|result|`` with tau (ACDC's ``abs_value_threshold``).
-    - ``max_batch``: largest speculative batch; ``chunk_size`` bounds how many gate configurations
-      are in memory at once (default: what fits).
+    - ``max_batch``: largest speculative batch; ``chunk_size``: gate configurations per vmapped
+      call (default: 8, or fewer if that does not fit in memory).
     - ``nodes``: restrict the search to edges between these nodes (``embed`` and ``logits`` are
       always included); other edges are ablated up front without evaluation (score NaN). Use the
       kept nodes of a node-level run to prune the search space.
@@ -192,9 +204,11 @@ def acdc(
         "nodes": sorted(nodes) if nodes is not None else None,
         "max_batch": int(max_batch),
     }
-    fingerprint = _fingerprint(problem, settings)
-    state = {"group": 0, "position": 0, "cap": 2, "evaluations": 0, "batches": 0}
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    state = {"group": 0, "position": 0, "cap": min(2, max_batch), "evaluations": 0, "batches": 0}
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    fingerprint = _fingerprint(problem, settings) if ckpt_path is not None else ""
     if ckpt_path is not None and ckpt_path.exists():
         saved = json.loads(ckpt_path.read_text())
         if saved.get("version") != CHECKPOINT_VERSION or saved.get("fingerprint") != fingerprint:
@@ -208,9 +222,8 @@ def acdc(
     elapsed_before = float(state.get("seconds", 0.0))
 
     deltas = problem.run.clean_deltas()
-    buckets = _buckets(max_batch)
     if chunk_size is None:
-        chunk_size = auto_chunk_size(problem.run, max_batch + 1)
+        chunk_size = min(DEFAULT_CHUNK, auto_chunk_size(problem.run, max_batch + 1))
     outgoing = _outgoing_edges(graph)
     last_save = time.perf_counter()
     cur_loss = float("nan")
@@ -245,23 +258,22 @@ def acdc(
                 in_scope = [p for p in range(pos, len(units)) if not out_of_scope[units[p]]]
                 if not in_scope:
                     break
-                size = next(b for b in buckets if b >= min(len(in_scope), state["cap"]))
-                take = np.asarray(in_scope[:size])
-                ids = np.full(size, units[take[0]], np.int32)
+                take = np.asarray(in_scope[: state["cap"]])
+                ids = np.full(max_batch, units[take[0]], np.int32)
                 ids[: len(take)] = units[take]
                 start_layer = int(group.layers[take].min())
                 losses = np.asarray(_candidate_losses(
                     problem, jnp.int32(start_layer), deltas, jnp.asarray(gates), jnp.asarray(ids),
                     jnp.int32(len(take)), int(chunk_size),
                 ), np.float64)
-                state["evaluations"] += size + 1
+                state["evaluations"] += -(-(len(take) + 1) // chunk_size) * chunk_size
                 state["batches"] += 1
                 kept_at = None
                 for j, p in enumerate(take, start=1):
                     unit = units[p]
                     result = losses[j] - losses[j - 1]
                     scores[unit] = result
-                    pos = p + 1
+                    pos = int(p) + 1
                     if (abs(result) if abs_value else result) < threshold:
                         gates[unit] = 0.0
                         cur_loss = losses[j]
