@@ -43,8 +43,11 @@ def gate_of(graph: Graph, gates: np.ndarray, src: str, dst: str):
     return g
 
 
-def gated_logits(model: Transformer, graph: Graph, tokens, gates, ablated_values) -> np.ndarray:
-    """in_d = sum_s g[d,s] x_s + (1 - g[d,s]) x~_s + (b_O of every earlier attention layer)."""
+def gated_logits(model: Transformer, graph: Graph, tokens, gates, ablated_values, return_sources: bool = False):
+    """in_d = sum_s g[d,s] x_s + (1 - g[d,s]) x~_s + (b_O of every earlier attention layer).
+
+    With ``return_sources`` also every source's output in this run, in the graph's source order.
+    """
     cfg = model.config
     p = _params(model)
     gates = np.asarray(gates, np.float64)
@@ -89,4 +92,7 @@ def gated_logits(model: Transformer, graph: Graph, tokens, gates, ablated_values
     if ln:
         final = _ln(final, p["ln_final.w"], p["ln_final.b"], cfg.ln_eps)
     W_U = p["embed.W_E"].T if cfg.tied_unembed else p["unembed.W_U"]
-    return final @ W_U + p["unembed.b_U"]
+    logits = final @ W_U + p["unembed.b_U"]
+    if return_sources:
+        return logits, np.stack([x[name] for name in graph.sources])
+    return logits

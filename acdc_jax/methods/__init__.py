@@ -15,6 +15,7 @@ from ..tasks import Task, get_task
 from ._circuit import Circuit
 from ._problem import Problem
 from .acdc import CheckpointMismatch, acdc, visit_order
+from .path_patching import Path, path_patching
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,10 @@ def get_method(name: str) -> MethodSpec:
 register_method(MethodSpec("acdc", acdc, "edge", True, "ACDC: greedy exact pruning in reverse topological order"))
 register_method(MethodSpec(
     "acdc-nodes", acdc, "node", True, "ACDC over nodes (heads and MLPs as units): a cheaper first pass",
+))
+register_method(MethodSpec(
+    "path-patching", path_patching, "edge", False,
+    "top-down automatic path patching from the logits, per labelled position, Q/K/V kept apart",
 ))
 
 
@@ -106,12 +111,14 @@ __all__ = [
     "CheckpointMismatch",
     "Circuit",
     "MethodSpec",
+    "Path",
     "Problem",
     "acdc",
     "attach_reference_scores",
     "discover",
     "get_method",
     "method_names",
+    "path_patching",
     "register_method",
     "visit_order",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import equinox as eqx
+import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
 from ..graph import Graph, Level
@@ -24,6 +25,7 @@ class Problem(eqx.Module):
     metric: Metric = eqx.field(static=True)
     task_name: str = eqx.field(static=True)
     ablation: str = eqx.field(static=True)
+    labels: dict = eqx.field(default_factory=dict)  # the task's named token positions, [batch] each
 
     @classmethod
     def build(
@@ -46,6 +48,7 @@ class Problem(eqx.Module):
             metric=task.get_metric(metric),
             task_name=task.name,
             ablation=ablation,
+            labels={name: jnp.asarray(v) for name, v in task.labels.items()},
         )
 
     @property
@@ -69,7 +72,7 @@ class Problem(eqx.Module):
         return self.metric.loss(self.run.logits_from(start_layer, deltas, gates), self.inputs)
 
     def with_metric(self, metric: Metric) -> "Problem":
-        return Problem(self.run, self.inputs, metric, self.task_name, self.ablation)
+        return Problem(self.run, self.inputs, metric, self.task_name, self.ablation, self.labels)
 
     def evaluate(self, gates) -> float:
         """``value`` for one gate vector, jitted, as a Python float."""
@@ -83,7 +86,8 @@ class Problem(eqx.Module):
 
     def subset(self, index) -> "Problem":
         """The same problem on a subset of prompts (for stability checks and chunking)."""
-        return eqx.tree_at(lambda p: (p.run, p.inputs), self, (self.run.rows(index), self.inputs.subset(index)))
+        labels = {name: v[index] for name, v in self.labels.items()}
+        return Problem(self.run.rows(index), self.inputs.subset(index), self.metric, self.task_name, self.ablation, labels)
 
 
 @eqx.filter_jit

@@ -380,7 +380,8 @@ def gated_forward(
     pos_ids: Array | None = None,
     start_layer: int | Array = 0,
     deltas: Float[Array, "n_sources batch pos d_model"] | None = None,
-) -> Float[Array, "batch pos_or_k d_vocab_out"]:
+    return_deltas: bool = False,
+):
     """The forward pass in which every destination input is a gate-weighted interpolation.
 
     For destination d and source s with gate ``g[d, s]``::
@@ -397,6 +398,9 @@ def gated_forward(
     destination being pruned still see all gates at 1); the layers before it are not run. With a
     traced ``start_layer`` the loop is a ``while_loop`` (one compilation for every start layer,
     not reverse-differentiable); with a Python int it is a scan.
+
+    Returns the logits ``[batch, pos_or_k, d_vocab_out]``; with ``return_deltas`` also the final
+    difference buffer, from which ``deltas[s] + ablation.values[s]`` is source s's output in this run.
     """
     cfg = model.config
     precision = model.precision
@@ -438,4 +442,5 @@ def gated_forward(
 
     deltas = lax.fori_loop(start_layer, cfg.n_layers, layer_step, deltas)
     final_in = ablation.base_logits + jnp.einsum(read_one, gates.logits, deltas, precision=precision)
-    return _unembed(model, final_in, positions)
+    logits = _unembed(model, final_in, positions)
+    return (logits, deltas) if return_deltas else logits
