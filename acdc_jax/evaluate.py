@@ -22,7 +22,7 @@ def roc_from_scores(scores, labels) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("a ROC curve needs at least one positive and one negative unit")
     order = np.argsort(-scores, kind="stable")
     s, y = scores[order], labels[order]
-    cut = np.flatnonzero(np.diff(s) != 0)  # last index of each group of tied scores
+    cut = np.flatnonzero(s[1:] != s[:-1])  # last index of each group of tied scores (-inf ties too)
     ends = np.concatenate([cut, [len(s) - 1]])
     tp = np.cumsum(y)[ends]
     fp = np.cumsum(~y)[ends]

@@ -242,3 +242,16 @@ def test_bad_input_fails_clearly():
         Task(name="bad", clean=np.zeros((2, 4), int), corrupt=np.zeros((2, 5), int), positions=np.zeros((2, 1), int), metric="kl")
     with pytest.raises(aj.GraphError, match="unknown edge 'embed->a9.0.q'"):
         acdc(problem, threshold=0.1).score("embed->a9.0.q")
+
+
+def test_node_patching_and_the_node_prepass():
+    from acdc_jax.methods import node_patching
+
+    problem = planted_problem(ablation="zero")
+    nodes = node_patching(problem, threshold=1e-3)
+    assert set(nodes.kept) == {"embed", "a0.0", "a1.0"}
+    junk = [nodes.score(n) for n in ("a0.1", "a1.1", "mlp0", "mlp1")]
+    assert junk == [0.0, 0.0, 0.0, 0.0] and nodes.score("a1.0") > 0
+    fast = acdc(problem, threshold=1e-3, node_prepass=1e-3)
+    assert sorted(fast.kept) == sorted(PLANTED_EDGES)
+    assert set(fast.extra["node_prepass"]["kept"]) == {"embed", "a0.0", "a1.0"}

@@ -15,6 +15,7 @@ from ..tasks import Task, get_task
 from ._circuit import Circuit
 from ._problem import Problem
 from .acdc import CheckpointMismatch, acdc, visit_order
+from .node_patching import node_patching
 from .path_patching import Path, path_patching
 
 
@@ -51,6 +52,9 @@ def get_method(name: str) -> MethodSpec:
 register_method(MethodSpec("acdc", acdc, "edge", True, "ACDC: greedy exact pruning in reverse topological order"))
 register_method(MethodSpec(
     "acdc-nodes", acdc, "node", True, "ACDC over nodes (heads and MLPs as units): a cheaper first pass",
+))
+register_method(MethodSpec(
+    "node-patching", node_patching, "node", False, "ablate each head and MLP alone (one batch): a cheap first pass",
 ))
 register_method(MethodSpec(
     "path-patching", path_patching, "edge", False,
@@ -118,6 +122,7 @@ __all__ = [
     "discover",
     "get_method",
     "method_names",
+    "node_patching",
     "path_patching",
     "register_method",
     "visit_order",

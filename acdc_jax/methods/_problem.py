@@ -71,6 +71,11 @@ class Problem(eqx.Module):
         """``loss`` running only layers ``start_layer..`` on cached differences (see ``GatedRun.logits_from``)."""
         return self.metric.loss(self.run.logits_from(start_layer, deltas, gates), self.inputs)
 
+    def with_graph(self, graph: Graph) -> "Problem":
+        """The same problem gated at another granularity (same model, prompts and ablation)."""
+        run = GatedRun(self.run.model, graph, self.run.tokens, self.run.ablation, self.run.positions)
+        return Problem(run, self.inputs, self.metric, self.task_name, self.ablation, self.labels)
+
     def with_metric(self, metric: Metric) -> "Problem":
         return Problem(self.run, self.inputs, metric, self.task_name, self.ablation, self.labels)
 

@@ -164,6 +164,7 @@ def acdc(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 30.0,
     progress: Callable[[dict], None] | None = None,
+    node_prepass: float | None = None,
 ) -> Circuit:
     """Run ACDC on ``problem`` and return the pruned circuit.
 
@@ -178,12 +179,22 @@ def acdc(
     - ``checkpoint``: a JSON file written every ``checkpoint_every`` seconds and at the end; if it
       exists from the same run, the run resumes from it.
     - ``progress``: called after every batch with ``edges_done``, ``n_edges``, ``kept``, ``metric``.
+    - ``node_prepass``: first run ACDC over nodes at this threshold and search only the edges
+      between the nodes it keeps (a cheaper, non-exact first pass); its result is in
+      ``circuit.extra["node_prepass"]``.
     """
     if not np.isfinite(threshold) or threshold < 0:
         raise ValueError(f"threshold must be a number >= 0, got {threshold}")
     if metric is not None:
         problem = problem.with_metric(_resolve(problem, metric))
     started = time.perf_counter()
+    prepass = None
+    if node_prepass is not None:
+        if nodes is not None:
+            raise ValueError("give either nodes or node_prepass, not both")
+        node_graph = Graph.from_model(problem.model, problem.graph.qkv_split, level="node")
+        prepass = acdc(problem.with_graph(node_graph), threshold=node_prepass, max_batch=max_batch, chunk_size=chunk_size)
+        nodes = set(prepass.kept)
     graph = problem.graph
     groups = visit_order(graph)
     n = graph.n_gates
@@ -309,6 +320,8 @@ def acdc(
         settings=settings,
         extra={"evaluations": state["evaluations"], "batches": state["batches"]},
     )
+    if prepass is not None:
+        circuit.extra["node_prepass"] = {"threshold": node_prepass, "kept": list(prepass.kept), "seconds": prepass.seconds}
     return circuit
 
 

@@ -1,0 +1,216 @@
+"""The ``acdc-jax`` command: discover circuits, inspect models, score circuits against a task."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    help="Automatic circuit discovery in transformers, in JAX. Every command has --help with examples.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+def _parse_options(pairs: list[str] | None, what: str) -> dict:
+    """``key=value`` pairs; values are read as JSON when they parse (numbers, booleans, lists)."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{what} must look like key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+@app.command(epilog="""
+Examples:
+
+  acdc-jax discover --task tracr-reverse --method acdc --threshold 0.01
+
+  acdc-jax discover --task tracr-xproportion --method acdc --ablation corrupt --out circuit.json
+
+  acdc-jax discover --model ~/models/gpt2 --task ioi --method acdc --threshold 0.05 --checkpoint ioi.ckpt.json
+
+  acdc-jax discover --task tracr-reverse --method path-patching --threshold 1e-3 --option grouped=true
+""")
+def discover(
+    task: Annotated[str, typer.Option(help="Task name (see `acdc-jax info --tasks`) or a task JSON file.")],
+    model: Annotated[Optional[str], typer.Option(help="Model name or local directory (default: the task's model).")] = None,
+    method: Annotated[str, typer.Option(help="Discovery method (see `acdc-jax info --methods`).")] = "acdc",
+    threshold: Annotated[Optional[float], typer.Option(help="Pruning threshold (methods that take one).")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="Metric: kl, logit_diff, prob_diff, nll, l2 (default: the task's).")] = None,
+    ablation: Annotated[Optional[str], typer.Option(help="What a removed edge reads: corrupt, zero or mean (default: the task's).")] = None,
+    per_head: Annotated[bool, typer.Option("--per-head", help="One input per head instead of separate q/k/v.")] = False,
+    internal_edges: Annotated[bool, typer.Option("--internal-edges", help="List ACDC's a.q|k|v->a edges too.")] = False,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="ACDC: checkpoint file; an interrupted run resumes from it.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the circuit as JSON here.")] = None,
+    option: Annotated[Optional[list[str]], typer.Option(help="Extra method option key=value (repeatable).")] = None,
+    task_option: Annotated[Optional[list[str]], typer.Option(help="Task builder option key=value (repeatable).")] = None,
+) -> None:
+    """Find a circuit: run a discovery method on a model and task, print it, and score it against
+    the task's canonical circuit when there is one."""
+    from . import methods
+    from .models import LoadError, load_model
+    from .tasks import TaskError, get_task
+
+    try:
+        the_task = get_task(task, **_parse_options(task_option, "--task-option"))
+        model_name = model or the_task.model
+        if model_name is None:
+            _fail(f"task {the_task.name!r} names no model: pass --model NAME_OR_DIR")
+        the_model = load_model(model_name)
+        spec = methods.get_method(method)
+    except (LoadError, TaskError, ValueError) as err:
+        _fail(str(err))
+    opts = _parse_options(option, "--option")
+    accepted = inspect.signature(spec.fn).parameters
+    if threshold is not None:
+        if "threshold" not in accepted:
+            _fail(f"method {method!r} takes no threshold")
+        opts["threshold"] = threshold
+    elif "threshold" in accepted and accepted["threshold"].default is inspect.Parameter.empty:
+        _fail(f"method {method!r} needs --threshold")
+    if checkpoint is not None:
+        opts["checkpoint"] = checkpoint
+    unknown = sorted(set(opts) - set(accepted))
+    if unknown:
+        _fail(f"method {method!r} has no option {', '.join(unknown)}; it takes {', '.join(p for p in accepted if p != 'problem')}")
+
+    console.print(f"[bold]{method}[/] on [bold]{the_task.name}[/] ({the_task.n_prompts} prompts) with "
+                  f"{the_model.config.name or model_name}")
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("kept {task.fields[kept]}"), TextColumn("metric {task.fields[metric]}"),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        job = bar.add_task("edges", total=None, kept="-", metric="-")
+        if "progress" in accepted:
+            def report(state):
+                bar.update(job, completed=state["edges_done"], total=state["n_edges"], kept=state["kept"],
+                           metric=f"{state['metric']:.4g}")
+            opts["progress"] = report
+        try:
+            circuit = methods.discover(
+                the_model, the_task, method, qkv_split=not per_head, internal_edges=internal_edges,
+                metric=metric, ablation=ablation, **opts,
+            )
+        except (ValueError, KeyError) as err:
+            _fail(str(err))
+        bar.update(job, completed=circuit.graph.n_gates, total=circuit.graph.n_gates, kept=circuit.n_kept,
+                   metric="done")
+    console.print(circuit.summary())
+    _print_reference(circuit)
+    if "summary" in circuit.extra:
+        console.print(circuit.extra["summary"])
+    if out is not None:
+        circuit.save(out)
+        console.print(f"wrote {out}")
+
+
+def _print_reference(circuit) -> None:
+    if "auc" not in circuit.extra:
+        return
+    ref = circuit.extra.get("reference", {})
+    console.print(
+        f"against the canonical circuit ({ref.get('n_units', '?')} units, ground truth under "
+        f"{ref.get('ablation', '?')} ablation): ROC AUC {circuit.extra['auc']:.3f}, "
+        f"precision {circuit.extra['precision']:.3f}, recall {circuit.extra['recall']:.3f}"
+    )
+
+
+@app.command(epilog="""
+Examples:
+
+  acdc-jax evaluate circuit.json --task tracr-reverse
+""")
+def evaluate(
+    circuit: Annotated[Path, typer.Argument(help="A circuit JSON written by `discover --out`.")],
+    task: Annotated[Optional[str], typer.Option(help="Task whose canonical circuit to compare with (default: the circuit's).")] = None,
+) -> None:
+    """Score a saved circuit against a task's canonical circuit: ROC AUC, precision and recall."""
+    from .methods import Circuit, attach_reference_scores
+    from .tasks import TaskError, get_task
+
+    try:
+        loaded = Circuit.load(circuit)
+        the_task = get_task(task or loaded.task)
+    except (OSError, ValueError, TaskError) as err:
+        _fail(str(err))
+    if the_task.canonical is None:
+        _fail(f"task {the_task.name!r} has no canonical circuit to compare with")
+    attach_reference_scores(loaded, the_task)
+    console.print(loaded.summary(n=5))
+    _print_reference(loaded)
+
+
+@app.command(epilog="""
+Examples:
+
+  acdc-jax info --model tracr-reverse
+
+  acdc-jax info --model ~/models/gpt2
+
+  acdc-jax info --tasks --methods
+""")
+def info(
+    model: Annotated[Optional[str], typer.Option(help="Model name or directory: print its config and graph sizes.")] = None,
+    tasks: Annotated[bool, typer.Option("--tasks", help="List the tasks.")] = False,
+    methods: Annotated[bool, typer.Option("--methods", help="List the discovery methods.")] = False,
+) -> None:
+    """Graph sizes of a model, and the available tasks and methods."""
+    from .graph import Graph
+    from .methods import get_method, method_names
+    from .models import GPT2_SHAPES, LoadError, TransformerConfig, load_model
+    from .tasks import task_names
+
+    if model is not None:
+        if model in GPT2_SHAPES and not Path(model).exists():
+            config = TransformerConfig.gpt2(model)  # sizes need no weights
+        else:
+            try:
+                config = load_model(model).config
+            except LoadError as err:
+                _fail(str(err))
+        table = Table(title=f"{config.name or model}: {config.n_layers} layers, {config.n_heads} heads, "
+                            f"d_model {config.d_model}, {'MLPs' if config.has_mlp else 'attention only'}")
+        table.add_column("graph")
+        table.add_column("gate units", justify="right")
+        for label, kwargs in [
+            ("edges, q/k/v inputs separate", dict(qkv_split=True)),
+            ("edges, with ACDC's a.q|k|v->a edges", dict(qkv_split=True, internal_edges=True)),
+            ("edges, one input per head", dict(qkv_split=False)),
+            ("nodes (embed, heads, MLPs)", dict(level="node")),
+        ]:
+            table.add_row(label, f"{Graph.from_model(config, **kwargs).n_gates:,}")
+        console.print(table)
+    if tasks:
+        console.print("tasks: " + ", ".join(task_names()) + ", or a task JSON file")
+    if methods:
+        for name in method_names():
+            console.print(f"  {name:<16} {get_method(name).summary}")
+    if model is None and not tasks and not methods:
+        console.print("nothing to show: pass --model, --tasks or --methods")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The acdc-jax command: discover, evaluate, info, and its error messages."""
+
+import json
+
+from typer.testing import CliRunner
+
+from acdc_jax.cli import app
+
+runner = CliRunner()
+
+
+def flat(text: str) -> str:
+    """Output with rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
+def test_discover_writes_the_circuit_json_and_scores_it(tmp_path):
+    out = tmp_path / "circuit.json"
+    result = runner.invoke(app, ["discover", "--task", "tracr-xproportion", "--method", "acdc", "--threshold", "0.001", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "ROC AUC 1.000, precision 1.000, recall 1.000" in flat(result.output)
+    data = json.loads(out.read_text())
+    assert data["method"] == "acdc" and data["task"] == "tracr-xproportion" and data["threshold"] == 0.001
+    assert len(data["edges"]) == data["n_edges_total"] == 23
+    assert sorted(data["circuit"]) == sorted(["a1.0->logits", "embed->a1.0.q", "embed->a1.0.k", "mlp0->a1.0.v", "embed->mlp0"])
+    assert data["auc"] == 1.0 and data["seconds"] > 0
+    evaluated = runner.invoke(app, ["evaluate", str(out)])
+    assert evaluated.exit_code == 0 and "ROC AUC 1.000" in flat(evaluated.output)
+
+
+def test_discover_passes_method_and_task_options(tmp_path):
+    result = runner.invoke(app, [
+        "discover", "--task", "tracr-xproportion", "--task-option", "data=corrected", "--method", "path-patching",
+        "--threshold", "0.0001", "--ablation", "zero", "--option", "grouped=true",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "path-patching on tracr-xproportion" in result.output
+
+
+def test_bad_input_gets_a_clear_message():
+    cases = [
+        (["discover", "--task", "tracr-revers", "--threshold", "0.1"], "did you mean tracr-reverse"),
+        (["discover", "--task", "tracr-reverse", "--threshold", "-1"], "threshold must be a number >= 0"),
+        (["discover", "--task", "tracr-reverse", "--method", "acdc"], "needs --threshold"),
+        (["discover", "--task", "tracr-reverse", "--threshold", "0.1", "--option", "speed=11"], "has no option speed"),
+        (["discover", "--task", "tracr-reverse", "--threshold", "0.1", "--model", "/nonexistent"], "no model"),
+        (["discover", "--task", "tracr-reverse", "--threshold", "0.1", "--ablation", "half"], "unknown ablation"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in flat(result.output), (args, result.output)
+
+
+def test_info_prints_graph_sizes_without_weights():
+    result = runner.invoke(app, ["info", "--model", "gpt2", "--methods", "--tasks"])
+    assert result.exit_code == 0, result.output
+    for size in ("32,491", "32,923", "11,611", "157"):
+        assert size in result.output
+    assert "path-patching" in result.output and "tracr-reverse" in result.output
