@@ -233,7 +233,9 @@ def ioi_task(
     """The IOI task; the defaults are ACDC's discovery set (see the module docstring).
 
     ACDC draws ``2 * n_prompts`` prompts: ``split="validation"`` is the first half, ``"test"``
-    the second. ``pairs=True`` needs an even ``n_prompts``.
+    the second. ``seed`` is ACDC's ``IOIDataset`` seed; the ABC flips use ``seed + 1..3`` (ACDC
+    uses 1, 2, 3 whatever the seed, so the two agree at its seed 0). ``pairs=True`` needs an even
+    ``n_prompts``.
     """
     if n_prompts < 1:
         raise TaskError(f"n_prompts must be positive, got {n_prompts}")
