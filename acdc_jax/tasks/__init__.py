@@ -1,11 +1,20 @@
-"""Tasks by name: each module builds a ``Task`` (prompts, read positions, metric, canonical circuit)."""
+"""Tasks by name: each module builds a ``Task`` (prompts, read positions, metric, canonical circuit).
+
+A path to a JSON task file (``custom.py``) is a task name too.
+"""
 
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 from ._task import ABLATIONS, CanonicalCircuit, Task, TaskError
+from .custom import load_task_json, save_task_json, task_from_dict, task_to_dict
+from .docstring import docstring_task
+from .greaterthan import greater_than_task
+from .ioi import ioi_task
 from .tracr import tracr_reverse, tracr_task, tracr_xproportion
 
 TaskBuilder = Callable[..., Task]
@@ -13,6 +22,9 @@ TaskBuilder = Callable[..., Task]
 _REGISTRY: dict[str, TaskBuilder] = {
     "tracr-reverse": tracr_reverse,
     "tracr-xproportion": tracr_xproportion,
+    "ioi": ioi_task,
+    "greater-than": greater_than_task,
+    "docstring": docstring_task,
 }
 
 
@@ -25,12 +37,14 @@ def task_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_task(name: str | Task, **kwargs) -> Task:
-    """A task by registered name (builder keyword arguments pass through)."""
+def get_task(name: str | os.PathLike | Task, **kwargs) -> Task:
+    """A task by registered name (builder keyword arguments pass through) or a JSON task file."""
     if isinstance(name, Task):
         return name
-    if name in _REGISTRY:
+    if isinstance(name, str) and name in _REGISTRY:
         return _REGISTRY[name](**kwargs)
+    if isinstance(name, os.PathLike) or str(name).endswith(".json") or Path(name).is_file():
+        return load_task_json(name, **kwargs)
     close = difflib.get_close_matches(str(name), task_names(), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise TaskError(f"unknown task {name!r}: known tasks are {', '.join(task_names())}{hint}")
@@ -41,9 +55,16 @@ __all__ = [
     "CanonicalCircuit",
     "Task",
     "TaskError",
+    "docstring_task",
     "get_task",
+    "greater_than_task",
+    "ioi_task",
+    "load_task_json",
     "register_task",
+    "save_task_json",
+    "task_from_dict",
     "task_names",
+    "task_to_dict",
     "tracr_reverse",
     "tracr_task",
     "tracr_xproportion",
