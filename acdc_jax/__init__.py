@@ -24,10 +24,23 @@ from .patching import (
     zero_ablation,
 )
 
+from . import evaluate, methods, metrics, tasks  # noqa: E402  (after the core they build on)
+from .methods import Circuit, Problem, discover  # noqa: E402
+from .tasks import Task, get_task  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
     "Ablation",
+    "Circuit",
+    "Problem",
+    "Task",
+    "discover",
+    "evaluate",
+    "get_task",
+    "methods",
+    "metrics",
+    "tasks",
     "ConfigError",
     "DenseGates",
     "GatedRun",

@@ -44,7 +44,7 @@ def encode_with_offsets(text: str) -> tuple[list[int], list[tuple[int, int]]]:
     return list(enc["input_ids"]), [tuple(span) for span in enc["offset_mapping"]]
 
 
-def token_strings(ids: Sequence[int]) -> list[str]:
+def token_strings(ids: Sequence[int | np.integer] | np.ndarray) -> list[str]:
     """Each token decoded on its own (``" Mary"``), for messages and tests."""
     tokenizer = gpt2_tokenizer()
     return [tokenizer.decode([int(i)]) for i in ids]

@@ -77,7 +77,7 @@ def _answer_rows(data: dict, field: str, batch: int) -> np.ndarray | None:
     return np.asarray(out, np.int32)
 
 
-def task_from_dict(data: dict, *, name: str | None = None, source: str = "the task") -> Task:
+def task_from_dict(data: object, *, name: str | None = None, source: str = "the task") -> Task:
     """A ``Task`` from the JSON object described in the module docstring."""
     if not isinstance(data, dict):
         raise TaskError(f"{source} must be a JSON object with fields clean, corrupt, metric, ...; got {type(data).__name__}")
