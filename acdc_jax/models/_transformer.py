@@ -12,6 +12,7 @@ followed by ``mlp{l}`` (if the model has MLPs).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -370,6 +371,18 @@ class Ablation(eqx.Module):
         return cls(values=values, base_attn=base_attn, base_mlp=base_mlp, base_logits=base_logits)
 
 
+def layer_segments(n_layers: int) -> list[tuple[int, int]]:
+    """Consecutive layer ranges, each run as one loop whose layers read a fixed prefix of the sources.
+
+    One loop over all layers would make every layer's gated read span every source, half of them
+    not computed yet; one loop per layer compiles a body per layer. About three layers per segment
+    (at most six segments) keeps most of the saving at a few compiled bodies.
+    """
+    n_segments = max(1, min(6, math.ceil(n_layers / 3)))
+    bounds = np.linspace(0, n_layers, n_segments + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
 def gated_forward(
     model: Transformer,
     gates: DenseGates,
@@ -420,10 +433,12 @@ def gated_forward(
     read = "pds,sbpm->dbpm" if per_position else "ds,sbpm->dbpm"
     read_one = "ps,sbpm->bpm" if per_position else "s,sbpm->bpm"
 
-    def layer_step(layer, deltas):
+    def layer_step(layer, deltas, visible: int):
+        # Layers of this segment read only the first `visible` sources: the rest are not computed yet.
         block = _block_at(model, layer)
         first = 1 + layer * (H + M)
-        inputs = _lead(ablation.base_attn[layer], 4) + jnp.einsum(read, gates.attn[layer], deltas, precision=precision)
+        seen = deltas[:visible]
+        inputs = _lead(ablation.base_attn[layer], 4) + jnp.einsum(read, gates.attn[layer][..., :visible], seen, precision=precision)
         if inputs.shape[0] == 3 * H:
             qkv = inputs.reshape((H, 3) + inputs.shape[1:])
             q_in, k_in, v_in = qkv[:, 0], qkv[:, 1], qkv[:, 2]
@@ -434,13 +449,17 @@ def gated_forward(
         ablated = lax.dynamic_slice_in_dim(ablation.values, first, H, axis=0)
         deltas = lax.dynamic_update_slice_in_dim(deltas, results - ablated, first, axis=0)
         if M:
-            mlp_in = ablation.base_mlp[layer] + jnp.einsum(read_one, gates.mlp[layer], deltas, precision=precision)
+            seen = deltas[:visible]
+            mlp_in = ablation.base_mlp[layer] + jnp.einsum(read_one, gates.mlp[layer][..., :visible], seen, precision=precision)
             out = _mlp(cfg, block, mlp_in, precision)
             ablated = lax.dynamic_index_in_dim(ablation.values, first + H, axis=0, keepdims=False)
             deltas = lax.dynamic_update_index_in_dim(deltas, out - ablated, first + H, axis=0)
         return deltas
 
-    deltas = lax.fori_loop(start_layer, cfg.n_layers, layer_step, deltas)
+    for lo, hi in layer_segments(cfg.n_layers):
+        visible = min(cfg.n_sources, 1 + hi * (H + M))
+        lower = max(start_layer, lo) if isinstance(start_layer, int) else jnp.clip(start_layer, lo, hi)
+        deltas = lax.fori_loop(lower, hi, functools.partial(layer_step, visible=visible), deltas)
     final_in = ablation.base_logits + jnp.einsum(read_one, gates.logits, deltas, precision=precision)
     logits = _unembed(model, final_in, positions)
     return (logits, deltas) if return_deltas else logits
