@@ -15,6 +15,7 @@ from ..tasks import Task, get_task
 from ._circuit import Circuit
 from ._problem import Problem
 from .acdc import CheckpointMismatch, acdc, visit_order
+from .learned_mask import learned_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,12 @@ def get_method(name: str) -> MethodSpec:
 register_method(MethodSpec("acdc", acdc, "edge", True, "ACDC: greedy exact pruning in reverse topological order"))
 register_method(MethodSpec(
     "acdc-nodes", acdc, "node", True, "ACDC over nodes (heads and MLPs as units): a cheaper first pass",
+))
+register_method(MethodSpec(
+    "learned-mask", learned_mask, "edge", True, "Edge Pruning: hard-concrete edge gates trained under an L0 penalty",
+))
+register_method(MethodSpec(
+    "learned-mask-nodes", learned_mask, "node", True, "Subnetwork Probing: hard-concrete node gates trained under an L0 penalty",
 ))
 
 
@@ -111,6 +118,7 @@ __all__ = [
     "attach_reference_scores",
     "discover",
     "get_method",
+    "learned_mask",
     "method_names",
     "register_method",
     "visit_order",
