@@ -30,8 +30,12 @@ unit when its logit is > 0 (the deterministic hard-concrete gate, and the sigmoi
 above 1/2); ``discretize="expected_l0"`` keeps the ``round(expected L0)`` units with the largest
 logits (Edge Pruning's rule; the sum of the sigmoid gates for ``sigmoid``). ``Circuit.scores`` are
 the final logits (``log alpha``): larger = kept more confidently; the threshold rule keeps score > 0.
-Training is deterministic given ``seed``. The training step compiles once per problem shape and
-parametrization: the step number, key, learning rates, penalty weight and target are traced.
+
+**Defaults** (1000 steps, lr 0.03, weight 0.1) recover tracr-reverse's canonical circuit exactly
+for seeds 0-3 (zero ablation, l2 metric); with lr 0.1 training often settles in a local optimum
+that drops a whole path. Training is deterministic given ``seed``. The training step compiles once
+per problem shape and parametrization: step number, key, learning rates, weights and target are
+traced.
 """
 
 from __future__ import annotations
@@ -149,10 +153,10 @@ def _train_step(
 def learned_mask(
     problem: Problem,
     *,
-    steps: int = 500,
-    lr: float = 0.1,
+    steps: int = 1000,
+    lr: float = 0.03,
     parametrization: Parametrization = "hard_concrete",
-    l0_weight: float = 1.0,
+    l0_weight: float = 0.1,
     target_sparsity: float | None = None,
     warmup: float = 0.5,
     lagrangian_lr: float = 0.05,
@@ -168,7 +172,8 @@ def learned_mask(
     - ``steps``, ``lr``: Adam steps on the gate logits and their learning rate.
     - ``parametrization``: ``"hard_concrete"`` (stochastic, expected-L0 penalty) or ``"sigmoid"``
       (deterministic, L1 penalty).
-    - ``l0_weight``: weight of the density penalty (fraction of units expected on).
+    - ``l0_weight``: weight of the density penalty (fraction of units expected on). Its scale is
+      relative to the metric's: sweep it (or use ``target_sparsity``) for a family of circuits.
     - ``target_sparsity``: fraction of units to remove, reached through a Lagrangian after a linear
       ramp over the first ``warmup`` fraction of the steps; ``lagrangian_lr`` is the multipliers'
       learning rate. ``None`` = fixed penalty only.
