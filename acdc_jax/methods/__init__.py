@@ -15,6 +15,7 @@ from ..tasks import Task, get_task
 from ._circuit import Circuit
 from ._problem import Problem
 from .acdc import CheckpointMismatch, acdc, visit_order
+from .learned_mask import learned_mask
 from .node_patching import node_patching
 from .path_patching import Path, path_patching
 
@@ -59,6 +60,12 @@ register_method(MethodSpec(
 register_method(MethodSpec(
     "path-patching", path_patching, "edge", False,
     "top-down automatic path patching from the logits, per labelled position, Q/K/V kept apart",
+))
+register_method(MethodSpec(
+    "learned-mask", learned_mask, "edge", True, "Edge Pruning: hard-concrete edge gates trained under an L0 penalty",
+))
+register_method(MethodSpec(
+    "learned-mask-nodes", learned_mask, "node", True, "Subnetwork Probing: hard-concrete node gates trained under an L0 penalty",
 ))
 
 
@@ -121,6 +128,7 @@ __all__ = [
     "attach_reference_scores",
     "discover",
     "get_method",
+    "learned_mask",
     "method_names",
     "node_patching",
     "path_patching",
