@@ -356,7 +356,7 @@ def _connected(group: _Group, gates: np.ndarray, outgoing: dict[int, np.ndarray]
         return True
     if not np.any(gates[outgoing[group.consumer]] > 0):
         return False
-    return group.via < 0 or gates[group.via] > 0
+    return bool(group.via < 0 or gates[group.via] > 0)
 
 
 def _outside(graph: Graph, nodes: set[str]) -> np.ndarray:

@@ -155,13 +155,13 @@ def learned_mask(
     *,
     steps: int = 1000,
     lr: float = 0.03,
-    parametrization: Parametrization = "hard_concrete",
+    parametrization: str = "hard_concrete",  # a Parametrization; checked below with a message
     l0_weight: float = 0.1,
     target_sparsity: float | None = None,
     warmup: float = 0.5,
     lagrangian_lr: float = 0.05,
     init_logit: float = 3.0,
-    discretize: Discretize = "threshold",
+    discretize: str = "threshold",  # a Discretize; checked below with a message
     seed: int = 0,
     metric: str | Metric | None = None,
     log_every: int = 10,
