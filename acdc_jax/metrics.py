@@ -58,11 +58,16 @@ class Metric:
     options: tuple = ()
 
     def __call__(self, logits: Array, inputs: MetricInputs) -> Scalar:
-        return self.fn(logits, inputs)
+        # at least float32: bf16 activations must not make a log-softmax or a small difference coarse
+        wide = jnp.promote_types(logits.dtype, jnp.float32)
+        clean = inputs.clean_logits
+        if clean.dtype != jnp.promote_types(clean.dtype, jnp.float32):
+            inputs = dataclasses.replace(inputs, clean_logits=clean.astype(jnp.promote_types(clean.dtype, jnp.float32)))
+        return self.fn(logits.astype(wide), inputs)
 
     def loss(self, logits: Array, inputs: MetricInputs) -> Scalar:
         """The metric turned so that lower is better (negated when higher is better)."""
-        value = self.fn(logits, inputs)
+        value = self(logits, inputs)
         return -value if self.higher_is_better else value
 
 

@@ -110,7 +110,11 @@ class Transformer(eqx.Module):
         return eqx.tree_at(lambda m: m.precision, self, precision)
 
     def astype(self, dtype) -> "Transformer":
-        """The same model with every floating-point parameter cast to ``dtype`` (e.g. float64 in tests)."""
+        """The same model with every floating-point parameter cast to ``dtype``.
+
+        Activations follow the parameters' dtype: ``jnp.bfloat16`` gives bf16 activations (with
+        LayerNorm statistics, softmax and metrics in float32), ``jnp.float64`` is for precision tests.
+        """
         return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, self)
 
     @property
@@ -157,13 +161,20 @@ def _lead(v: Array, ndim: int) -> Array:
     return v.reshape((1,) * (ndim - v.ndim) + v.shape)
 
 
+def _at_least_f32(x: Array) -> Array:
+    """Reductions (LayerNorm statistics, softmax) run in float32 even for bf16 activations."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _layer_norm(ln: LayerNorm | None, x: Array, eps: float) -> Array:
     if ln is None:
         return x
-    mean = x.mean(-1, keepdims=True)
-    centred = x - mean
+    wide = _at_least_f32(x)
+    mean = wide.mean(-1, keepdims=True)
+    centred = wide - mean
     var = (centred * centred).mean(-1, keepdims=True)
-    return centred * lax.rsqrt(var + eps) * _lead(ln.w, x.ndim) + _lead(ln.b, x.ndim)
+    normed = (centred * lax.rsqrt(var + eps)).astype(x.dtype)
+    return normed * _lead(ln.w, x.ndim) + _lead(ln.b, x.ndim)
 
 
 def _activation(name: str, x: Array) -> Array:
@@ -222,7 +233,7 @@ def _attention(
         n = scores.shape[-1]
         allowed = jnp.tril(jnp.ones((n, n), dtype=bool))[None, None]
         scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
-    pattern = jax.nn.softmax(scores, axis=-1)
+    pattern = jax.nn.softmax(_at_least_f32(scores), axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhe->bqhe", pattern, v, precision=precision)
 
 
@@ -428,6 +439,7 @@ def gated_forward(
         deltas = jnp.zeros((cfg.n_sources, batch, n_pos, cfg.d_model), embed_out.dtype)
         deltas = deltas.at[0].set(embed_out - ablation.values[0])
     n_pos = deltas.shape[2]
+    gates = jax.tree.map(lambda g: g.astype(deltas.dtype), gates)  # gates follow the activation dtype
     if per_position and gates.logits.shape[0] != n_pos:
         raise InputError(f"per-position gates have {gates.logits.shape[0]} positions, the batch has {n_pos}")
     read = "pds,sbpm->dbpm" if per_position else "ds,sbpm->dbpm"
