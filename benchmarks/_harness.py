@@ -79,7 +79,12 @@ def peak_memory_bytes() -> int | None:
 
 
 def record(benchmark: str, settings: dict, results: dict) -> dict:
+    """Append one run to the log and re-render the table (``ACDC_JAX_BENCH_DRY=1``: print only)."""
+    import os
+
     entry = {"benchmark": benchmark, **environment(), "settings": settings, "results": results}
+    if os.environ.get("ACDC_JAX_BENCH_DRY"):
+        return entry
     with LOG.open("a") as f:
         f.write(json.dumps(entry) + "\n")
     render_table()

@@ -171,8 +171,9 @@ def acdc(
     - ``threshold``: tau >= 0; an edge is pruned when ablating it changes the loss by less.
     - ``metric``: the pruning metric (default: the problem's); it is used lower-is-better.
     - ``abs_value``: compare ``|result|`` with tau (ACDC's ``abs_value_threshold``).
-    - ``max_batch``: largest speculative batch; ``chunk_size``: gate configurations per vmapped
-      call (default: 8, or fewer if that does not fit in memory).
+    - ``max_batch``: largest speculative batch; ``chunk_size``: the most gate configurations per
+      vmapped call (default: 8, or fewer if that does not fit in memory); calls use the smallest
+      power of two that covers the current speculation.
     - ``nodes``: restrict the search to edges between these nodes (``embed`` and ``logits`` are
       always included); other edges are ablated up front without evaluation (score NaN). Use the
       kept nodes of a node-level run to prune the search space.
@@ -273,11 +274,12 @@ def acdc(
                 ids = np.full(max_batch, units[take[0]], np.int32)
                 ids[: len(take)] = units[take]
                 start_layer = int(group.layers[take].min())
+                chunk = _chunk_for(len(take) + 1, chunk_size)
                 losses = np.asarray(_candidate_losses(
                     problem, jnp.int32(start_layer), deltas, jnp.asarray(gates), jnp.asarray(ids),
-                    jnp.int32(len(take)), int(chunk_size),
+                    jnp.int32(len(take)), chunk,
                 ), np.float64)
-                state["evaluations"] += -(-(len(take) + 1) // chunk_size) * chunk_size
+                state["evaluations"] += -(-(len(take) + 1) // chunk) * chunk
                 state["batches"] += 1
                 kept_at = None
                 for j, p in enumerate(take, start=1):
@@ -323,6 +325,16 @@ def acdc(
     if prepass is not None:
         circuit.extra["node_prepass"] = {"threshold": node_prepass, "kept": list(prepass.kept), "seconds": prepass.seconds}
     return circuit
+
+
+def _chunk_for(rows: int, largest: int) -> int:
+    """Configurations per vmapped call: the power of two (>= 2) that covers ``rows``, at most
+    ``largest``. A shallow speculation (many keeps) then costs a small call, a deep one a few large
+    calls, with at most log2(largest) compiled variants."""
+    chunk = 2
+    while chunk < rows and chunk < largest:
+        chunk *= 2
+    return max(1, min(chunk, largest))
 
 
 def _resolve(problem: Problem, metric: str | Metric) -> Metric:
