@@ -17,6 +17,13 @@ edges have no effect at all (reverse: the whole length/selector-width path, beca
 and corrupted row has the same length; see caveat 3 of the README), so no patching method can find
 them that way.
 
+**Internal edges.** With ``Graph(internal_edges=True)`` the circuit includes ``a.h.t->a.h`` for every
+q/k/v input with a circuit edge into it: ACDC's direct-computation edges ``hook_t <- hook_t_input``,
+the ones ACDC gates and the paper counts (reverse: a3.0.q/k/v and a0.0.v, as ACDC's own
+``acdc_edges`` list them). The ``internal_edges`` field of ``ground_truth_edges.json`` instead
+translates ACDC's never-gated ``hook_result <- hook_t`` placeholders (it adds a0.0.q and a0.0.k,
+which nothing feeds); this module does not use that field.
+
 Metric: ACDC's ``l2`` (mean squared distance to the clean logits over positions 1..T-1;
 reverse uses its 3 output logits, xproportion only logit 0, the ``frac_prevs`` value).
 """
