@@ -71,11 +71,11 @@ a circuit are not exported.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import re
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +95,10 @@ _QKV = ("q", "k", "v")
 _HEAD = re.compile(r"^a(\d+)\.(\d+)$")
 _HEAD_INPUT = re.compile(r"^a(\d+)\.(\d+)\.([qkv])$")
 _MLP = re.compile(r"^mlp(\d+)$")
+
+# Graphs have tens of thousands of edges and every function in the package may run under a runtime
+# type checker, so per-edge work goes through tables computed once per graph (or per name, cached)
+# and plain loops, not through a function call per edge.
 
 
 class ExportError(ValueError):
@@ -129,22 +133,31 @@ def owner(node: str) -> str:
     return f"a{layer}.{head}" if kind == "head_input" else node
 
 
-def _nan_to_none(x: float) -> float | None:
-    x = float(x)
-    return None if math.isnan(x) else x
+_parse = functools.lru_cache(maxsize=None)(parse_node)
+_owner = functools.lru_cache(maxsize=None)(owner)
 
 
-def _none_to_nan(x) -> float:
-    return math.nan if x is None else float(x)
+@functools.lru_cache(maxsize=32)
+def edge_endpoints(graph: Graph) -> tuple[tuple[str, str], ...]:
+    """``(source, destination input)`` of every edge of ``graph``, in its order (computed once per graph)."""
+    return tuple((src, dst) for src, _, dst in (e.partition("->") for e in graph.edges))
 
 
-def _merge_score(old: float, new: float) -> float:
-    """The larger of two scores, NaN meaning none (used where one of our edges is several there)."""
-    if math.isnan(old):
-        return new
-    if math.isnan(new):
-        return old
-    return max(old, new)
+@functools.lru_cache(maxsize=32)
+def _edge_position(graph: Graph) -> dict[str, int]:
+    """Edge name -> index (shared: do not change it)."""
+    return {name: i for i, name in enumerate(graph.edges)}
+
+
+@functools.lru_cache(maxsize=32)
+def _internal_flags(graph: Graph) -> tuple[bool, ...]:
+    internal = set(graph.internal_edge_names)
+    return tuple(name in internal for name in graph.edges)
+
+
+def _json_scores(scores: np.ndarray) -> list:
+    """Scores as JSON values: floats, NaN as None (null)."""
+    return [None if math.isnan(x) else x for x in np.asarray(scores, np.float64).tolist()]
 
 
 # ---------------------------------------------------------------------------------------- metadata
@@ -170,20 +183,32 @@ def _graph_from_metadata(meta: dict | None) -> Graph | None:
     return Graph(**meta["graph"])
 
 
-def _assemble(graph: Graph, scores: np.ndarray, kept: Iterable[str], meta: dict | None, source: str) -> Circuit:
+def _assemble(graph: Graph, scores: np.ndarray, kept: np.ndarray, meta: dict | None, source: str) -> Circuit:
+    """A circuit from one score and one kept flag per gate unit of ``graph``."""
     meta = meta or {}
     return Circuit(
         method=meta.get("method", f"imported-{source}"),
         task=meta.get("task", "unknown"),
         graph=graph,
         scores=scores,
-        kept=tuple(n for n in graph.gate_names if n in set(kept)),
+        kept=tuple(name for name, k in zip(graph.gate_names, kept.tolist()) if k),
         metric=meta.get("metric", "unknown"),
         ablation=meta.get("ablation", "unknown"),
         threshold=meta.get("threshold"),
         metric_value=meta.get("metric_value"),
         extra={"imported_from": source},
     )
+
+
+def _scatter(graph: Graph, positions: list[int], values: list[float], flags: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and kept flags per edge from (edge, score, flag) entries; several entries for one edge
+    (a split embedding, per-head q/k/v triples) merge: the larger score (NaN = none), kept if any is."""
+    scores = np.full(graph.n_gates, np.nan)
+    kept = np.zeros(graph.n_gates, bool)
+    if positions:
+        np.fmax.at(scores, np.asarray(positions), np.asarray(values, np.float64))
+        np.logical_or.at(kept, np.asarray(positions), np.asarray(flags, bool))
+    return scores, kept
 
 
 def _check_same_graph(declared: Graph, inferred: Graph, source: str) -> None:
@@ -193,6 +218,10 @@ def _check_same_graph(declared: Graph, inferred: Graph, source: str) -> None:
                 f"the {source} file's acdc_jax block says {field}={getattr(declared, field)} but its "
                 f"contents say {getattr(inferred, field)}; the file was edited or mixed up"
             )
+
+
+def _unknown_edge(graph: Graph, what: str, ours: str) -> GraphError:
+    return GraphError(f"{what} ({ours}) is not in the {graph.describe()}")
 
 
 # ---------------------------------------------------------------------------------------- conversions
@@ -227,15 +256,14 @@ def fold_internal_edges(circuit: Circuit) -> Circuit:
         return circuit
     plain = dataclasses.replace(graph, internal_edges=False)
     kept = set(circuit.kept)
-    live_inputs = {Graph.split_edge(e)[0] for e in graph.internal_edge_names if e in kept}
-
-    def survives(edge: str) -> bool:
-        dst = Graph.split_edge(edge)[1]
-        return edge in kept and (parse_node(dst)[0] != "head_input" or dst in live_inputs)
-
-    folded = [e for e in plain.edges if survives(e)]
-    scores = np.array([circuit.score(e) for e in plain.edges])
-    return dataclasses.replace(circuit, graph=plain, scores=scores, kept=tuple(folded),
+    live_inputs = {name.partition("->")[0] for name in graph.internal_edge_names if name in kept}
+    folded = tuple(
+        name for name, (_, dst) in zip(plain.edges, edge_endpoints(plain))
+        if name in kept and (_parse(dst)[0] != "head_input" or dst in live_inputs)
+    )
+    position = _edge_position(graph)
+    scores = circuit.scores[np.array([position[name] for name in plain.edges])]
+    return dataclasses.replace(circuit, graph=plain, scores=scores, kept=folded,
                                extra={**circuit.extra, "converted": "internal edges folded"})
 
 
@@ -249,7 +277,7 @@ def edge_circuit_from_nodes(circuit: Circuit) -> Circuit:
     edge_graph = dataclasses.replace(graph, level="edge")
     mask = edges_from_nodes(edge_graph, circuit.kept_mask())
     scores = edge_scores_from_nodes(edge_graph, circuit.scores)
-    kept = tuple(e for e, m in zip(edge_graph.edges, mask) if m)
+    kept = tuple(name for name, m in zip(edge_graph.edges, mask.tolist()) if m)
     return dataclasses.replace(circuit, graph=edge_graph, scores=scores, kept=kept,
                                extra={**circuit.extra, "converted": "node-level circuit as edges"})
 
@@ -265,39 +293,42 @@ def _embed_mode(circuit: Circuit, embed: str) -> str:
     return embed
 
 
-def _head_index(h: int) -> list:
-    return [None, None, h]
+def _head_index(h: int) -> tuple:
+    return (None, None, h)
 
 
-def _acdc_senders(src: str, embed_mode: str) -> list[tuple[str, list]]:
+@functools.lru_cache(maxsize=None)
+def _acdc_senders(src: str, embed_mode: str) -> tuple[tuple[str, tuple], ...]:
     kind, layer, head, _ = parse_node(src)
     if kind == "embed":
         if embed_mode == "split":
-            return [("hook_embed", [None]), ("hook_pos_embed", [None])]
-        return [("blocks.0.hook_resid_pre", [None])]
+            return (("hook_embed", (None,)), ("hook_pos_embed", (None,)))
+        return (("blocks.0.hook_resid_pre", (None,)),)
     if kind == "head":
-        return [(f"blocks.{layer}.attn.hook_result", _head_index(head))]
+        return ((f"blocks.{layer}.attn.hook_result", _head_index(head)),)
     if kind == "mlp":
-        return [(f"blocks.{layer}.hook_mlp_out", [None])]
+        return ((f"blocks.{layer}.hook_mlp_out", (None,)),)
     raise GraphError(f"{src!r} is not a source")
 
 
-def _acdc_receivers(dst: str, n_layers: int) -> list[tuple[str, list]]:
+@functools.lru_cache(maxsize=None)
+def _acdc_receivers(dst: str, n_layers: int) -> tuple[tuple[str, tuple], ...]:
     kind, layer, head, letter = parse_node(dst)
     if kind == "head_input":
-        return [(f"blocks.{layer}.hook_{letter}_input", _head_index(head))]
+        return ((f"blocks.{layer}.hook_{letter}_input", _head_index(head)),)
     if kind == "head":  # per-head graph: ACDC's graph has only the q, k and v inputs
-        return [(f"blocks.{layer}.hook_{t}_input", _head_index(head)) for t in _QKV]
+        return tuple((f"blocks.{layer}.hook_{t}_input", _head_index(head)) for t in _QKV)
     if kind == "mlp":
-        return [(f"blocks.{layer}.hook_mlp_in", [None])]
+        return ((f"blocks.{layer}.hook_mlp_in", (None,)),)
     if kind == "logits":
-        return [(f"blocks.{n_layers - 1}.hook_resid_post", [None])]
+        return ((f"blocks.{n_layers - 1}.hook_resid_post", (None,)),)
     raise GraphError(f"{dst!r} is not a destination")
 
 
-def _acdc_row(receiver, receiver_index, sender, sender_index, kind, present, score) -> dict:
-    return {"receiver": receiver, "receiver_index": receiver_index, "sender": sender, "sender_index": sender_index,
-            "type": kind, "present": bool(present), "score": _nan_to_none(score)}
+def _acdc_row(receiver: str, receiver_index: tuple, sender: str, sender_index: tuple, kind: str,
+              present: bool, score: float | None) -> dict:
+    return {"receiver": receiver, "receiver_index": list(receiver_index), "sender": sender,
+            "sender_index": list(sender_index), "type": kind, "present": present, "score": score}
 
 
 def to_acdc(circuit: Circuit, *, embed: str = "auto") -> dict:
@@ -305,37 +336,39 @@ def to_acdc(circuit: Circuit, *, embed: str = "auto") -> dict:
     _require_edges(circuit, "acdc")
     graph = circuit.graph
     mode = _embed_mode(circuit, embed)
-    kept = circuit.kept_mask()
-    internal = set(graph.internal_edge_names)
+    kept = circuit.kept_mask().tolist()
+    scores = _json_scores(circuit.scores)
     rows, live_inputs, touched = [], set(), set()
-    for i, edge in enumerate(graph.edges):
-        src, dst = Graph.split_edge(edge)
-        if kept[i]:
-            touched |= {src, owner(dst)}
-        if edge in internal:
+    for (src, dst), present, score, internal in zip(edge_endpoints(graph), kept, scores, _internal_flags(graph)):
+        if present:
+            touched.add(_owner(src))
+            touched.add(_owner(dst))
+        if internal:
             continue
-        if kept[i]:
+        if present:
             live_inputs.add(dst)
         for r_hook, r_index in _acdc_receivers(dst, graph.n_layers):
             for s_hook, s_index in _acdc_senders(src, mode):
-                rows.append(_acdc_row(r_hook, r_index, s_hook, s_index, "addition", kept[i], circuit.scores[i]))
+                rows.append({"receiver": r_hook, "receiver_index": list(r_index), "sender": s_hook,
+                             "sender_index": list(s_index), "type": "addition", "present": present, "score": score})
+    position = _edge_position(graph)
     for layer in range(graph.n_layers):
         for h in range(graph.n_heads):
             head = f"a{layer}.{h}"
             for t in _QKV:
                 inp = f"{head}.{t}" if graph.qkv_split else head
                 if graph.internal_edges:
-                    i = graph.edge_index(f"{inp}->{head}")
-                    present, score = bool(kept[i]), circuit.scores[i]
+                    i = position[f"{inp}->{head}"]
+                    present, score = kept[i], scores[i]
                 else:
-                    present, score = inp in live_inputs, math.nan
+                    present, score = inp in live_inputs, None
                 rows.append(_acdc_row(f"blocks.{layer}.attn.hook_{t}", _head_index(h), f"blocks.{layer}.hook_{t}_input",
                                       _head_index(h), "direct_computation", present, score))
                 rows.append(_acdc_row(f"blocks.{layer}.attn.hook_result", _head_index(h), f"blocks.{layer}.attn.hook_{t}",
-                                      _head_index(h), "placeholder", head in touched, math.nan))
+                                      _head_index(h), "placeholder", head in touched, None))
         if graph.has_mlp:
-            rows.append(_acdc_row(f"blocks.{layer}.hook_mlp_out", [None], f"blocks.{layer}.hook_mlp_in", [None],
-                                  "placeholder", f"mlp{layer}" in touched, math.nan))
+            rows.append(_acdc_row(f"blocks.{layer}.hook_mlp_out", (None,), f"blocks.{layer}.hook_mlp_in", (None,),
+                                  "placeholder", f"mlp{layer}" in touched, None))
     return {
         "format": ACDC_FORMAT,
         "edge_key": "receiver hook, receiver index, sender hook, sender index (ACDC's (child, child_index, parent, "
@@ -356,19 +389,20 @@ def acdc_edge_keys(data: dict | list, *, present_only: bool = True) -> list[tupl
 
 
 _ACDC_HOOK = re.compile(
-    r"^(?:blocks\.(?P<layer>\d+)\.)?(?:attn\.)?(?P<hook>hook_resid_pre|hook_embed|hook_pos_embed|hook_result|"
+    r"^(?:blocks\.(?P<layer>\d+)\.)?(?P<attn>attn\.)?(?P<hook>hook_resid_pre|hook_embed|hook_pos_embed|hook_result|"
     r"hook_mlp_out|hook_mlp_in|hook_resid_post|hook_[qkv]_input|hook_[qkv])$"
 )
 
 
-def _from_acdc_node(hook: str, index, n_layers: int) -> tuple[str, str]:
-    """(role, our name) of an ACDC hook and index; role: source, input, activation, output."""
+@functools.lru_cache(maxsize=None)
+def _from_acdc_node(hook: str, index: tuple, n_layers: int) -> tuple[str, str]:
+    """(role, our name) of an ACDC hook and index; role: source, input or activation (hook_q|k|v),
+    placeholder-only nodes never reaching here as both ends of a gated edge."""
     m = _ACDC_HOOK.match(hook)
     if not m:
         raise ExportError(f"unknown ACDC hook {hook!r}")
-    name, layer = m["hook"], m["layer"]
-    head = index[2] if index is not None and len(index) == 3 else None
-    attn = ".attn." in hook
+    name, layer, attn = m["hook"], m["layer"], bool(m["attn"])
+    head = index[2] if len(index) == 3 else None
     if name in ("hook_embed", "hook_pos_embed") or (name == "hook_resid_pre" and layer == "0"):
         return "source", "embed"
     if layer is None:
@@ -385,7 +419,7 @@ def _from_acdc_node(hook: str, index, n_layers: int) -> tuple[str, str]:
         return "input", f"a{layer}.{head}.{name[5]}"
     if attn and len(name) == 6 and head is not None:  # hook_q, hook_k, hook_v
         return "activation", f"a{layer}.{head}.{name[5]}"
-    raise ExportError(f"ACDC hook {hook!r} with index {index} is not a node of a {n_layers}-layer model's ACDC graph")
+    raise ExportError(f"ACDC hook {hook!r} with index {list(index)} is not a node of a {n_layers}-layer model's ACDC graph")
 
 
 def from_acdc(data: dict | list, *, graph: Graph | None = None) -> Circuit:
@@ -410,33 +444,33 @@ def from_acdc(data: dict | list, *, graph: Graph | None = None) -> Circuit:
             raise ExportError("the acdc document has neither an acdc_jax nor a model block: pass graph=Graph(...)")
     if graph.level != "edge":
         raise ExportError("ACDC edges read into an edge-level graph; convert afterwards if you need nodes")
-    scores = {name: math.nan for name in graph.edges}
-    kept: set[str] = set()
+    position = _edge_position(graph)
+    positions, values, flags = [], [], []
     for row in rows:
-        r_role, receiver = _from_acdc_node(row["receiver"], row["receiver_index"], graph.n_layers)
-        s_role, sender = _from_acdc_node(row["sender"], row["sender_index"], graph.n_layers)
+        r_role, receiver = _from_acdc_node(row["receiver"], tuple(row["receiver_index"]), graph.n_layers)
+        s_role, sender = _from_acdc_node(row["sender"], tuple(row["sender_index"]), graph.n_layers)
         if r_role == "input" and s_role == "source":
-            if not graph.qkv_split and parse_node(receiver)[0] == "head_input":
-                receiver = owner(receiver)
-            name = f"{sender}->{receiver}"
+            name = f"{sender}->{receiver if graph.qkv_split else _owner(receiver)}"
         elif r_role == "activation" and s_role == "input":  # direct computation: our internal edge
             if not graph.internal_edges:
                 continue
-            name = f"{sender if graph.qkv_split else owner(sender)}->{owner(sender)}"
+            name = f"{sender}->{_owner(sender)}"
         else:  # placeholders carry no gate
             continue
-        if name not in scores:
-            raise GraphError(f"ACDC edge {row['sender']}{row['sender_index']} -> {row['receiver']}{row['receiver_index']} "
-                             f"({name}) is not in the {graph.describe()}")
-        scores[name] = _merge_score(scores[name], _none_to_nan(row.get("score")))
-        if row.get("present", True):
-            kept.add(name)
-    return _assemble(graph, np.array([scores[n] for n in graph.edges]), kept, meta, "acdc")
+        if name not in position:
+            raise _unknown_edge(graph, f"ACDC edge {row['sender']}{row['sender_index']} -> "
+                                       f"{row['receiver']}{row['receiver_index']}", name)
+        positions.append(position[name])
+        values.append(math.nan if row.get("score") is None else float(row["score"]))
+        flags.append(bool(row.get("present", True)))
+    scores, kept = _scatter(graph, positions, values, flags)
+    return _assemble(graph, scores, kept, meta, "acdc")
 
 
 # ---------------------------------------------------------------------------------------- auto-circuit
 
 
+@functools.lru_cache(maxsize=None)
 def _ac_source(src: str) -> tuple[str, str, int | None]:
     kind, layer, head, _ = parse_node(src)
     if kind == "embed":
@@ -446,6 +480,7 @@ def _ac_source(src: str) -> tuple[str, str, int | None]:
     return f"MLP {layer}", f"blocks.{layer}.hook_mlp_out", None
 
 
+@functools.lru_cache(maxsize=None)
 def _ac_dest(dst: str, n_layers: int) -> tuple[str, str, int | None]:
     kind, layer, head, letter = parse_node(dst)
     if kind == "head_input":
@@ -457,17 +492,34 @@ def _ac_dest(dst: str, n_layers: int) -> tuple[str, str, int | None]:
     return "Resid End", f"blocks.{n_layers - 1}.hook_resid_post", None
 
 
-def _ac_tables(graph: Graph):
-    """Source/destination tables, and for each edge (module, head or None, source idx, name)."""
-    srcs = [dict(zip(("name", "module", "head"), _ac_source(s)), idx=i) for i, s in enumerate(graph.sources)]
-    dests = [dict(zip(("name", "module", "head"), _ac_dest(d, graph.n_layers)), idx=i) for i, d in enumerate(graph.destinations)]
+@dataclasses.dataclass(frozen=True)
+class _AutoCircuitTables:
+    srcs: tuple[dict, ...]
+    dests: tuple[dict, ...]
+    shapes: dict[str, tuple[int, ...]]  # destination module -> PruneScores shape
+    edges: tuple[tuple[str, tuple[int, ...], str], ...]  # per edge: module, index into its array, name
+
+
+@functools.lru_cache(maxsize=32)
+def _ac_tables(graph: Graph) -> _AutoCircuitTables:
+    srcs = tuple({"name": n, "module": m, "head": h, "idx": i}
+                 for i, (n, m, h) in enumerate(_ac_source(s) for s in graph.sources))
+    dests, count, width = [], {}, {}
+    for i, dst in enumerate(graph.destinations):
+        name, module, head = _ac_dest(dst, graph.n_layers)
+        dests.append({"name": name, "module": module, "head": head, "idx": i})
+        count[module] = count.get(module, 0) + 1
+        width[module] = len(graph.sources_of(dst))  # the same for every destination of a module
+    # auto-circuit gives a module's mask a head axis only when it holds more than one destination
+    shapes = {m: ((count[m],) if count[m] > 1 else ()) + (width[m],) for m in count}
     src_index = {s: i for i, s in enumerate(graph.sources)}
-    per_edge = []
-    for edge in graph.edges:
-        src, dst = Graph.split_edge(edge)
-        d_name, module, head = _ac_dest(dst, graph.n_layers)
-        per_edge.append((module, head, src_index[src], f"{_ac_source(src)[0]}->{d_name}"))
-    return srcs, dests, per_edge
+    src_names = {s: _ac_source(s)[0] for s in graph.sources}
+    edges = []
+    for src, dst in edge_endpoints(graph):
+        name, module, head = _ac_dest(dst, graph.n_layers)
+        index = (head, src_index[src]) if len(shapes[module]) == 2 else (src_index[src],)
+        edges.append((module, index, f"{src_names[src]}->{name}"))
+    return _AutoCircuitTables(srcs, tuple(dests), shapes, tuple(edges))
 
 
 def to_autocircuit(circuit: Circuit) -> dict:
@@ -475,84 +527,83 @@ def to_autocircuit(circuit: Circuit) -> dict:
     _require_edges(circuit, "autocircuit")
     _require_no_internal(circuit, "autocircuit")
     graph = circuit.graph
-    srcs, dests, per_edge = _ac_tables(graph)
-    heads_in: dict[str, int] = {}  # module -> how many destinations it holds
-    width: dict[str, int] = {}  # module -> how many sources come before it (the same for all its destinations)
-    for dst, d in zip(graph.destinations, dests):
-        heads_in[d["module"]] = heads_in.get(d["module"], 0) + 1
-        width[d["module"]] = len(graph.sources_of(dst))
-    arrays = {m: np.full(((heads_in[m],) if heads_in[m] > 1 else ()) + (width[m],), np.nan) for m in heads_in}
-    for (module, head, s, _), score in zip(per_edge, circuit.scores):
-        if heads_in[module] > 1:
-            arrays[module][head, s] = score
-        else:
-            arrays[module][s] = score
-    kept = circuit.kept_mask()
+    tables = _ac_tables(graph)
+    arrays = {m: np.full(shape, np.nan) for m, shape in tables.shapes.items()}
+    for (module, index, _), score in zip(tables.edges, circuit.scores.tolist()):
+        arrays[module][index] = score
+    scores = _json_scores(circuit.scores)
+    kept = circuit.kept_mask().tolist()
     return {
         "format": AUTOCIRCUIT_FORMAT,
         "model": {"n_layers": graph.n_layers, "n_heads": graph.n_heads, "attn_only": not graph.has_mlp,
                   "separate_qkv": graph.qkv_split, "factorized": True},
-        "srcs": srcs,
-        "dests": dests,
+        "srcs": [dict(s) for s in tables.srcs],
+        "dests": [dict(d) for d in tables.dests],
         "prune_scores": {m: _nested_none(a) for m, a in arrays.items()},
-        "edges": {name: _nan_to_none(s) for (_, _, _, name), s in zip(per_edge, circuit.scores)},
-        "circuit": [name for (_, _, _, name), k in zip(per_edge, kept) if k],
+        "edges": {name: score for (_, _, name), score in zip(tables.edges, scores)},
+        "circuit": [name for (_, _, name), k in zip(tables.edges, kept) if k],
         "acdc_jax": _metadata(circuit),
     }
 
 
-def _nested_none(array: np.ndarray):
-    if array.ndim == 0:
-        return _nan_to_none(array)
-    return [_nested_none(a) for a in array]
+def _nested_none(array: np.ndarray) -> list:
+    """Nested lists of the array's values, NaN as None (JSON null)."""
+    flat = _json_scores(array.reshape(-1))
+    if array.ndim == 1:
+        return flat
+    n = array.shape[-1]
+    return [flat[i : i + n] for i in range(0, len(flat), n)]
 
 
 _AC_SRC = re.compile(r"^(?:Resid Start|A(?P<al>\d+)\.(?P<ah>\d+)|MLP (?P<ml>\d+))$")
 _AC_DEST = re.compile(r"^(?:Resid End|A(?P<al>\d+)\.(?P<ah>\d+)(?:\.(?P<t>[QKV]))?|MLP (?P<ml>\d+))$")
 
 
+@functools.lru_cache(maxsize=None)
 def _from_ac_src(name: str) -> str:
     m = _AC_SRC.match(name)
     if not m:
-        raise ExportError(f"unknown auto-circuit source {name!r}")
-    if m["al"] is not None:
-        return f"a{m['al']}.{m['ah']}"
-    return f"mlp{m['ml']}" if m["ml"] is not None else "embed"
+        raise ExportError(f"unknown auto-circuit source {name!r} (Resid Start, A{{l}}.{{h}}, MLP {{l}})")
+    return f"a{m['al']}.{m['ah']}" if m["al"] else (f"mlp{m['ml']}" if m["ml"] else "embed")
 
 
+@functools.lru_cache(maxsize=None)
 def _from_ac_dest(name: str) -> str:
     m = _AC_DEST.match(name)
     if not m:
-        raise ExportError(f"unknown auto-circuit destination {name!r}")
-    if m["al"] is not None:
+        raise ExportError(f"unknown auto-circuit destination {name!r} (A{{l}}.{{h}}.Q|K|V, A{{l}}.{{h}}, MLP {{l}}, Resid End)")
+    if m["al"]:
         return f"a{m['al']}.{m['ah']}" + (f".{m['t'].lower()}" if m["t"] else "")
-    return f"mlp{m['ml']}" if m["ml"] is not None else "logits"
+    return f"mlp{m['ml']}" if m["ml"] else "logits"
 
 
-def _ac_edge_to_ours(name: str) -> str:
-    src, sep, dst = name.partition("->")
-    if not sep:
-        raise ExportError(f"{name!r} is not an auto-circuit edge name ('SRC->DEST')")
-    return f"{_from_ac_src(src)}->{_from_ac_dest(dst)}"
+def _ac_names_to_ours(names) -> list[str]:
+    """Our edge names for auto-circuit edge names ('A0.1->A2.3.Q', 'Resid Start->MLP 0')."""
+    out = []
+    for name in names:
+        src, sep, dst = name.partition("->")
+        if not sep:
+            raise ExportError(f"{name!r} is not an auto-circuit edge name ('SRC->DEST')")
+        out.append(f"{_from_ac_src(src)}->{_from_ac_dest(dst)}")
+    return out
 
 
 _AC_MODULE = re.compile(r"^blocks\.(\d+)\.(hook_q_input|hook_k_input|hook_v_input|hook_attn_in|hook_mlp_in|hook_resid_post)$")
 
 
-def _graph_from_prune_scores(prune_scores: dict) -> Graph:
+def _graph_from_prune_scores(arrays: dict[str, np.ndarray]) -> Graph:
     layers, has_mlp, qkv, n_heads = set(), False, None, None
-    for module, values in prune_scores.items():
+    for module, array in arrays.items():
         m = _AC_MODULE.match(module)
         if not m:
             raise ExportError(f"unknown auto-circuit destination module {module!r}")
         layers.add(int(m[1]))
         has_mlp |= m[2] == "hook_mlp_in"
         if m[2] in ("hook_q_input", "hook_attn_in"):
-            qkv = m[2] == "hook_q_input"
-            array = np.array(_none_nested_to_nan(values), dtype=float)
             if array.ndim > 2:
-                raise ExportError(f"prune scores for {module} have shape {array.shape}: a position axis? Sum per-position "
-                                  "scores over positions first")
+                raise ExportError(f"prune scores for {module} have shape {array.shape}: a position axis? Sum "
+                                  "per-position scores over positions first")
+            qkv = m[2] == "hook_q_input"
             n_heads = array.shape[0] if array.ndim == 2 else 1
     if qkv is None:
         raise ExportError("the prune scores have no attention destinations (blocks.{l}.hook_q_input or hook_attn_in)")
@@ -565,55 +616,46 @@ def from_autocircuit(data: dict) -> Circuit:
     if "prune_scores" not in data and "edges" not in data:
         raise ExportError("not an autocircuit document: it has neither 'prune_scores' nor 'edges'")
     meta = data.get("acdc_jax")
-    declared = _graph_from_metadata(meta)
-    graph = declared
+    graph = _graph_from_metadata(meta)
+    arrays = None
     if "prune_scores" in data:
-        inferred = _graph_from_prune_scores(data["prune_scores"])
-        if declared is not None:
-            _check_same_graph(declared, inferred, "autocircuit")
+        arrays = {m: np.array(v, dtype=np.float64) for m, v in data["prune_scores"].items()}  # null -> NaN
+        inferred = _graph_from_prune_scores(arrays)
+        if graph is not None:
+            _check_same_graph(graph, inferred, "autocircuit")
         graph = graph or inferred
     if graph is None:
         raise ExportError("an autocircuit document with only 'edges' needs its acdc_jax block to know the graph")
     if graph.level != "edge" or graph.internal_edges:
         raise ExportError(f"auto-circuit files hold edges without internal edges, not a {graph.describe()}")
-    scores = {name: math.nan for name in graph.edges}
+    position = _edge_position(graph)
+    scores = np.full(graph.n_gates, np.nan)
     if "edges" in data:
-        for name, value in data["edges"].items():
-            ours = _ac_edge_to_ours(name)
-            if ours not in scores:
-                raise GraphError(f"auto-circuit edge {name!r} ({ours}) is not in the {graph.describe()}")
-            scores[ours] = _none_to_nan(value)
+        for name, ours, value in zip(data["edges"], _ac_names_to_ours(data["edges"]), data["edges"].values()):
+            if ours not in position:
+                raise _unknown_edge(graph, f"auto-circuit edge {name!r}", ours)
+            scores[position[ours]] = math.nan if value is None else value
     else:
-        _, _, per_edge = _ac_tables(graph)
-        arrays = {m: np.array(_none_nested_to_nan(v), dtype=float) for m, v in data["prune_scores"].items()}
-        for edge, (module, head, s, _) in zip(graph.edges, per_edge):
-            if module not in arrays:
-                continue
-            array = arrays[module]
-            expected = len(graph.sources_of(Graph.split_edge(edge)[1]))
-            expected_ndim = 2 if head is not None and graph.n_heads > 1 else 1
-            if array.shape[-1] != expected or array.ndim != expected_ndim:
-                raise ExportError(
-                    f"prune scores for {module} have shape {array.shape}; expected [..., {expected}] without a "
-                    "position axis (sum per-position scores over positions first)"
-                )
-            scores[edge] = array[head, s] if array.ndim == 2 else array[s]
-    kept = [_ac_edge_to_ours(name) for name in data.get("circuit", [])]
-    unknown = [k for k in kept if k not in scores]
-    if unknown:
-        raise GraphError(f"kept edges not in the {graph.describe()}: {unknown[:3]}")
-    return _assemble(graph, np.array([scores[n] for n in graph.edges]), kept, meta, "autocircuit")
-
-
-def _none_nested_to_nan(values):
-    if isinstance(values, list):
-        return [_none_nested_to_nan(v) for v in values]
-    return math.nan if values is None else values
+        tables = _ac_tables(graph)
+        for module, array in arrays.items():
+            if module in tables.shapes and array.shape != tables.shapes[module]:
+                raise ExportError(f"prune scores for {module} have shape {array.shape}; this graph needs "
+                                  f"{tables.shapes[module]} (no position axis: sum per-position scores over positions first)")
+        for i, (module, index, _) in enumerate(tables.edges):
+            if module in arrays:
+                scores[i] = arrays[module][index]
+    kept = np.zeros(graph.n_gates, bool)
+    for name, ours in zip(data.get("circuit", []), _ac_names_to_ours(data.get("circuit", []))):
+        if ours not in position:
+            raise _unknown_edge(graph, f"kept auto-circuit edge {name!r}", ours)
+        kept[position[ours]] = True
+    return _assemble(graph, scores, kept, meta, "autocircuit")
 
 
 # ---------------------------------------------------------------------------------------- MIB / EAP-IG
 
 
+@functools.lru_cache(maxsize=None)
 def _mib_node(node: str) -> str:
     kind, layer, head, _ = parse_node(node)
     if kind == "embed":
@@ -627,15 +669,15 @@ def _mib_node(node: str) -> str:
     raise GraphError(f"{node!r} is not a node")
 
 
-def _mib_edge_names(edge: str) -> list[str]:
-    src, dst = Graph.split_edge(edge)
+@functools.lru_cache(maxsize=None)
+def _mib_children(dst: str) -> tuple[str, ...]:
+    """The MIB child names an edge into ``dst`` is written with (a per-head input: three)."""
     kind, layer, head, letter = parse_node(dst)
-    parent = _mib_node(src)
     if kind == "head_input":
-        return [f"{parent}->a{layer}.h{head}<{letter}>"]
+        return (f"a{layer}.h{head}<{letter}>",)
     if kind == "head":
-        return [f"{parent}->a{layer}.h{head}<{t}>" for t in _QKV]
-    return [f"{parent}->{_mib_node(dst)}"]
+        return tuple(f"a{layer}.h{head}<{t}>" for t in _QKV)
+    return (_mib_node(dst),)
 
 
 def infer_d_model(circuit: Circuit) -> int | None:
@@ -669,35 +711,35 @@ def to_mib(circuit: Circuit, *, d_model: int | None = None) -> dict:
                 f"task {circuit.task!r}) is not one whose d_model is known here: pass d_model= (CLI: --d-model)"
             )
     node_level = graph.level == "node"
-    if node_level:
-        node_scores = circuit.scores
-        node_kept = circuit.kept_mask()
-        edge_circuit = edge_circuit_from_nodes(circuit)
-    else:
-        edge_circuit = circuit
+    edge_circuit = edge_circuit_from_nodes(circuit) if node_level else circuit
     edge_graph = edge_circuit.graph
-    kept = edge_circuit.kept_mask()
+    endpoints = edge_endpoints(edge_graph)
+    kept = edge_circuit.kept_mask().tolist()
     touched = {"logits"}
-    for e in np.flatnonzero(kept):
-        src, dst = Graph.split_edge(edge_graph.edges[e])
-        touched |= {src, owner(dst)}
+    for (src, dst), k in zip(endpoints, kept):
+        if k:
+            touched.add(src)
+            touched.add(_owner(dst))
     unscored: list[str] = []
     nodes = {}
-    for i, node in enumerate(graph.sources):
-        entry = {"in_graph": bool(node_kept[i]) if node_level else node in touched}
+    node_kept = circuit.kept_mask().tolist()
+    for node, score, k in zip(graph.sources, circuit.scores.tolist(), node_kept):
+        entry = {"in_graph": k if node_level else node in touched}
         if node_level:
-            entry["score"] = 0.0 if math.isnan(node_scores[i]) else float(node_scores[i])
-            if math.isnan(node_scores[i]):
+            entry["score"] = 0.0 if math.isnan(score) else score
+            if math.isnan(score):
                 unscored.append(node)
         nodes[_mib_node(node)] = entry
     nodes["logits"] = {"in_graph": True}
     edges = {}
-    for i, edge in enumerate(edge_graph.edges):
-        score = float(edge_circuit.scores[i])
-        if math.isnan(score) and not node_level:
-            unscored.append(edge)
-        for name in _mib_edge_names(edge):
-            edges[name] = {"score": 0.0 if math.isnan(score) else score, "in_graph": bool(kept[i])}
+    for name, (src, dst), score, k in zip(edge_graph.edges, endpoints, edge_circuit.scores.tolist(), kept):
+        if math.isnan(score):
+            if not node_level:
+                unscored.append(name)
+            score = 0.0  # MIB ranks scores, and NaN would rank first
+        parent = _mib_node(src)
+        for child in _mib_children(dst):
+            edges[f"{parent}->{child}"] = {"score": score, "in_graph": k}
     return {
         "cfg": {"n_layers": graph.n_layers, "n_heads": graph.n_heads, "parallel_attn_mlp": False, "d_model": int(d_model)},
         "nodes": nodes,
@@ -710,6 +752,7 @@ _MIB_NODE = re.compile(r"^(?:input|logits|a(?P<al>\d+)\.h(?P<ah>\d+)|m(?P<ml>\d+
 _MIB_EDGE = re.compile(r"^(?P<parent>[^<>]+?)->(?P<child>[^<>]+?)(?:<(?P<t>[qkv])>)?$")
 
 
+@functools.lru_cache(maxsize=None)
 def _from_mib_node(name: str) -> str:
     m = _MIB_NODE.match(name)
     if not m:
@@ -747,13 +790,12 @@ def from_mib(data: dict, *, level: str | None = None) -> Circuit:
         scores, kept = [], []
         for node in graph.sources:
             entry = data["nodes"].get(_mib_node(node), {})
-            score = _none_to_nan(entry.get("score"))
-            scores.append(math.nan if node in unscored else score)
-            if entry.get("in_graph"):
-                kept.append(node)
-        return _assemble(graph, np.array(scores), kept, meta, "mib")
-    scores = {name: math.nan for name in graph.edges}
-    kept = set()
+            score = entry.get("score")
+            scores.append(math.nan if node in unscored or score is None else float(score))
+            kept.append(bool(entry.get("in_graph", False)))
+        return _assemble(graph, np.array(scores), np.array(kept), meta, "mib")
+    position = _edge_position(graph)
+    positions, values, flags = [], [], []
     for name, entry in data["edges"].items():
         m = _MIB_EDGE.match(name)
         if not m:
@@ -762,14 +804,15 @@ def from_mib(data: dict, *, level: str | None = None) -> Circuit:
         if m["t"] and graph.qkv_split:
             child = f"{child}.{m['t']}"
         ours = f"{parent}->{child}"
-        if ours not in scores:
-            raise GraphError(f"MIB edge {name!r} ({ours}) is not in the {graph.describe()}")
-        scores[ours] = _merge_score(scores[ours], _none_to_nan(entry.get("score")))
-        if entry.get("in_graph"):
-            kept.add(ours)
+        if ours not in position:
+            raise _unknown_edge(graph, f"MIB edge {name!r}", ours)
+        positions.append(position[ours])
+        values.append(math.nan if entry.get("score") is None else float(entry["score"]))
+        flags.append(bool(entry.get("in_graph", False)))
+    scores, kept = _scatter(graph, positions, values, flags)
     for name in unscored:
-        scores[name] = math.nan
-    return _assemble(graph, np.array([scores[n] for n in graph.edges]), kept, meta, "mib")
+        scores[position[name]] = np.nan
+    return _assemble(graph, scores, kept, meta, "mib")
 
 
 # ---------------------------------------------------------------------------------------- files
@@ -824,6 +867,7 @@ __all__ = [
     "acdc_edge_keys",
     "detect_format",
     "edge_circuit_from_nodes",
+    "edge_endpoints",
     "export_circuit",
     "fold_internal_edges",
     "from_acdc",
