@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .export import owner, parse_node
+from .export import _owner, _parse, edge_endpoints
 from .graph import Graph
 from .methods._circuit import Circuit
 
@@ -72,7 +72,7 @@ class _DrawnEdge:
 
     @property
     def letter(self) -> str:
-        kind, _, _, letter = parse_node(self.dst)
+        kind, _, _, letter = _parse(self.dst)
         return letter if kind == "head_input" else "other"
 
 
@@ -96,8 +96,8 @@ def touched_nodes(circuit: Circuit) -> set[str]:
     if circuit.graph.level == "node":
         return nodes | set(circuit.kept)
     for name in circuit.kept:
-        src, dst = Graph.split_edge(name)
-        nodes |= {owner(src), owner(dst)}
+        src, _, dst = name.partition("->")
+        nodes |= {_owner(src), _owner(dst)}
     return nodes
 
 
@@ -107,10 +107,10 @@ def live_inputs(circuit: Circuit) -> set[str]:
         return set()
     live = set()
     for name in circuit.kept:
-        src, dst = Graph.split_edge(name)
-        if parse_node(dst)[0] == "head_input":
+        src, _, dst = name.partition("->")
+        if _parse(dst)[0] == "head_input":
             live.add(dst)
-        elif parse_node(src)[0] == "head_input":  # internal edge a.q->a
+        elif _parse(src)[0] == "head_input":  # internal edge a.q->a
             live.add(src)
     return live
 
@@ -155,7 +155,7 @@ def _layout(circuit: Circuit, hide_unused: bool) -> _Layout:
             continue
         y = float(len(rows))
         for i, node in enumerate(visible):
-            if not hide_unused and parse_node(node)[0] == "head":
+            if not hide_unused and _parse(node)[0] == "head":
                 x = _head_number(node) - (graph.n_heads - 1) / 2
             else:
                 x = i - (len(visible) - 1) / 2
@@ -171,7 +171,7 @@ def _layout(circuit: Circuit, hide_unused: bool) -> _Layout:
 
 
 def _head_number(head: str) -> int:
-    return parse_node(head)[2]
+    return _parse(head)[2]
 
 
 def _edge_widths(edges: list[_DrawnEdge], min_width: float, max_width: float) -> list[float]:
@@ -208,8 +208,8 @@ def _box_width(node: str) -> float:
 
 
 def _port(node_input: str, layout: _Layout) -> tuple[float, float]:
-    kind, _, _, letter = parse_node(node_input)
-    x, y = layout.positions[owner(node_input)]
+    kind, _, _, letter = _parse(node_input)
+    x, y = layout.positions[_owner(node_input)]
     dx = _PORT_OFFSET[letter] * _BOX_W if kind == "head_input" else 0.0
     return x + dx, y - _BOX_H / 2
 
@@ -219,7 +219,7 @@ def _source_anchors(edges: list[_DrawnEdge], layout: _Layout) -> dict[str, tuple
     the edges go, so that edges from one node do not all start at one point."""
     by_source: dict[str, list[tuple[tuple[float, float], str]]] = {}
     for edge in edges:
-        if edge.src in layout.positions and owner(edge.dst) in layout.positions:
+        if edge.src in layout.positions and _owner(edge.dst) in layout.positions:
             by_source.setdefault(edge.src, []).append((_port(edge.dst, layout), edge.name))
     anchors = {}
     for src, targets in by_source.items():
@@ -300,7 +300,7 @@ def draw_circuit(
     for row in layout.rows:
         for node in row:
             x, y = layout.positions[node]
-            kind = parse_node(node)[0]
+            kind = _parse(node)[0]
             used = node in touched
             w = _box_width(node)
             ax.add_patch(FancyBboxPatch(
@@ -389,7 +389,7 @@ def to_dot(circuit: Circuit, *, hide_unused: bool = True, title: str | None = No
     ]
 
     def node_line(node: str) -> str:
-        kind = parse_node(node)[0]
+        kind = _parse(node)[0]
         used = node in touched
         color = "#222222" if used else UNUSED_COLOR
         fill = NODE_FILLS[kind] if used else "#F5F5F5"
@@ -435,10 +435,10 @@ def to_dot(circuit: Circuit, *, hide_unused: bool = True, title: str | None = No
     if current_layer is not None:
         lines.append("  }")
     for edge, width in zip(edges, widths):
-        if edge.src not in layout.positions or owner(edge.dst) not in layout.positions:
+        if edge.src not in layout.positions or _owner(edge.dst) not in layout.positions:
             continue
-        kind, _, _, letter = parse_node(edge.dst)
-        head = f'"{owner(edge.dst)}":{letter}:s' if kind == "head_input" and qkv_ports else f'"{owner(edge.dst)}"'
+        kind, _, _, letter = _parse(edge.dst)
+        head = f'"{_owner(edge.dst)}":{letter}:s' if kind == "head_input" and qkv_ports else f'"{_owner(edge.dst)}"'
         style = {"-": "solid", "--": "dashed", ":": "dotted"}[_line_style(edge.score)]
         score = "nan" if math.isnan(edge.score) else f"{edge.score:.4g}"
         attrs = _dot_attrs(color=EDGE_COLORS[edge.letter], penwidth=float(width), style=style,
@@ -462,12 +462,11 @@ def node_scores(circuit: Circuit, reduce: str = "sum") -> np.ndarray:
         return np.abs(circuit.scores)
     index = {n: i for i, n in enumerate(graph.sources)}
     values: list[list[float]] = [[] for _ in graph.sources]
-    for name, score in zip(graph.edges, circuit.scores):
+    for (src, dst), score in zip(edge_endpoints(graph), circuit.scores.tolist()):
         if math.isnan(score):
             continue
-        src, dst = Graph.split_edge(name)
-        for node in {owner(src), owner(dst)} - {"logits"}:
-            values[index[node]].append(abs(float(score)))
+        for node in {_owner(src), _owner(dst)} - {"logits"}:
+            values[index[node]].append(abs(score))
     combine = np.sum if reduce == "sum" else np.max
     return np.array([float(combine(v)) if v else math.nan for v in values])
 
@@ -510,8 +509,7 @@ def plot_scores(
         fig = _figure(figsize=(width + 1.4, height))
         ax = fig.add_subplot()
     fig.set_layout_engine("constrained")
-    cmap = _colormap("viridis")
-    cmap.set_bad("#E0E0E0")
+    cmap = _colormap("viridis").with_extremes(bad="#E0E0E0")
     finite = grid[np.isfinite(grid)]
     image = ax.imshow(np.ma.masked_invalid(grid), origin="lower", cmap=cmap, aspect="auto",
                       vmin=0.0, vmax=float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
@@ -566,8 +564,7 @@ def _plot_edge_matrix(fig, ax, circuit: Circuit, listed_colormap) -> None:
     values = np.full((len(dests), len(columns)), np.nan)
     exists = np.zeros_like(values, dtype=bool)
     internal_names = set(graph.internal_edge_names)
-    for name, score in zip(graph.edges, circuit.scores):
-        src, dst = Graph.split_edge(name)
+    for name, (src, dst), score in zip(graph.edges, edge_endpoints(graph), circuit.scores.tolist()):
         r, c = (d_index[src], s_index["(internal)"]) if name in internal_names else (d_index[dst], s_index[src])
         values[r, c] = score
         exists[r, c] = True
