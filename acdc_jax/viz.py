@@ -7,8 +7,8 @@ Each layer's rows sit on a shaded band labelled ``layer l``. By default only the
 touches (its source, and the head, MLP or logits it feeds) are drawn and each row is packed and
 centred; ``hide_unused=False`` draws every node, heads at fixed columns by head index, untouched
 ones greyed. Heads that path patching grouped (``circuit.extra["head_groups"]``, groups of two or
-more heads, numbered G1, G2, ... as in its summary) sit next to each other in a row and share one
-labelled, tinted box per row; the legend lists the members.
+more heads, numbered G1, G2, ... as in its summary) sit next to each other in a row (packed layout)
+and each run of neighbouring members shares one labelled, tinted box; the legend lists the members.
 
 **Edges**: a kept edge runs from the top of its source to the input it feeds. A head's box has
 three input ports on its bottom edge, q (left), k (middle) and v (right); edges into them are
