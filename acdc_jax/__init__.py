@@ -25,6 +25,7 @@ from .patching import (
 )
 
 from . import evaluate, methods, metrics, tasks  # noqa: E402  (after the core they build on)
+from . import export, viz  # noqa: E402  (after methods and evaluate, which they build on)
 from .methods import Circuit, Problem, discover  # noqa: E402
 from .tasks import Task, get_task  # noqa: E402
 
@@ -37,10 +38,12 @@ __all__ = [
     "Task",
     "discover",
     "evaluate",
+    "export",
     "get_task",
     "methods",
     "metrics",
     "tasks",
+    "viz",
     "ConfigError",
     "DenseGates",
     "GatedRun",

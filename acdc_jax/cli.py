@@ -1,4 +1,5 @@
-"""The ``acdc-jax`` command: discover circuits, inspect models, score circuits against a task."""
+"""The ``acdc-jax`` command: discover circuits, inspect models, score circuits against a task, draw and
+export them."""
 
 from __future__ import annotations
 
@@ -206,6 +207,115 @@ def info(
             console.print(f"  {name:<16} {get_method(name).summary}")
     if model is None and not tasks and not methods:
         console.print("nothing to show: pass --model, --tasks or --methods")
+
+
+def _load_circuit(path: Path):
+    from .methods import Circuit
+
+    try:
+        return Circuit.load(path)
+    except (OSError, ValueError, KeyError) as err:
+        _fail(f"cannot read the circuit {path}: {err}")
+
+
+@app.command(epilog="""
+Examples:
+
+  acdc-jax draw circuit.json -o circuit.svg
+
+  acdc-jax draw circuit.json -o circuit.png --heatmap scores.png --per-edge
+
+  acdc-jax draw circuit.json -o full.svg --all-nodes --dot circuit.dot
+
+Edges into a head's q, k and v inputs are blue, green and vermillion;
+
+edges into MLPs and the logits dark grey. Width grows with |score|;
+
+dashed = negative score, dotted = no score.
+""")
+def draw(
+    circuit: Annotated[Path, typer.Argument(help="A circuit JSON written by `discover --out`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Picture to write: .svg, .png or .pdf.")],
+    heatmap: Annotated[Optional[Path], typer.Option(help="Also write a heat map of head and MLP scores here.")] = None,
+    reduce: Annotated[str, typer.Option(help="Heat map node score: sum or max of |score| over the node's edges.")] = "sum",
+    per_edge: Annotated[bool, typer.Option("--per-edge", help="Heat map: add the edge scores by destination and source.")] = False,
+    all_nodes: Annotated[bool, typer.Option("--all-nodes", help="Draw every node (untouched ones grey), not only the circuit's.")] = False,
+    dot: Annotated[Optional[Path], typer.Option(help="Also write Graphviz DOT source here (for `dot -Tsvg`).")] = None,
+    title: Annotated[Optional[str], typer.Option(help="Title (default: method, task and size).")] = None,
+) -> None:
+    """Draw a circuit layer by layer (no graphviz needed), optionally with a heat map of its scores."""
+    from . import viz
+
+    loaded = _load_circuit(circuit)
+    if reduce not in viz.REDUCTIONS:
+        _fail(f"--reduce must be one of {', '.join(viz.REDUCTIONS)}, got {reduce!r}")
+    try:
+        written = [viz.draw_circuit(loaded, out, hide_unused=not all_nodes, title=title)]
+        if heatmap is not None:
+            written.append(viz.plot_scores(loaded, heatmap, reduce=reduce, per_edge=per_edge, title=title))
+    except ValueError as err:
+        _fail(str(err))
+    if dot is not None:
+        dot.parent.mkdir(parents=True, exist_ok=True)
+        dot.write_text(viz.to_dot(loaded, hide_unused=not all_nodes, title=title))
+        written.append(dot)
+    for path in written:
+        console.print(f"wrote {path}")
+
+
+@app.command(name="export", epilog="""
+Examples:
+
+  acdc-jax export circuit.json --format acdc -o acdc_edges.json
+
+  acdc-jax export circuit.json --format acdc --embed split -o acdc_edges.json
+
+  acdc-jax export circuit.json --format autocircuit -o prune_scores.json
+
+  acdc-jax export circuit.json --format mib --d-model 768 -o mib_graph.json
+
+acdc: ACDC's edge keys (receiver hook and index, sender hook and index).
+
+autocircuit: auto-circuit's node names and PruneScores per destination module.
+
+mib: the EAP-IG graph JSON that the MIB circuit track reads.
+
+The docstring of acdc_jax.export gives each layout and naming map.
+""")
+def export_command(
+    circuit: Annotated[Path, typer.Argument(help="A circuit JSON written by `discover --out`.")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="acdc, autocircuit or mib.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON file to write.")],
+    embed: Annotated[str, typer.Option(help="acdc: auto (split for tracr tasks, as ACDC), resid_pre or split.")] = "auto",
+    d_model: Annotated[Optional[int], typer.Option(help="mib: the model's d_model, when it cannot be inferred.")] = None,
+    fold_internal: Annotated[bool, typer.Option("--fold-internal", help="Fold a.q|k|v->a edges into the residual edges first.")] = False,
+    nodes_to_edges: Annotated[bool, typer.Option("--nodes-to-edges", help="Turn a node-level circuit into edges first.")] = False,
+) -> None:
+    """Write a circuit in a format other tools read: ACDC edges, auto-circuit prune scores, MIB graph JSON."""
+    from . import export
+
+    loaded = _load_circuit(circuit)
+    if fmt not in export.FORMATS:
+        _fail(f"--format must be one of {', '.join(export.FORMATS)}, got {fmt!r}")
+    options: dict = {}
+    if fmt == "acdc":
+        options["embed"] = embed
+    elif embed != "auto":
+        _fail("--embed applies to --format acdc only")
+    if fmt == "mib":
+        options["d_model"] = d_model
+    elif d_model is not None:
+        _fail("--d-model applies to --format mib only")
+    if nodes_to_edges:
+        loaded = export.edge_circuit_from_nodes(loaded)
+    if fold_internal:
+        loaded = export.fold_internal_edges(loaded)
+    try:
+        path = export.write_circuit(loaded, out, fmt, **options)
+    except ValueError as err:
+        _fail(str(err))
+    unit = "edges" if loaded.graph.level == "edge" else "nodes"
+    console.print(f"wrote {path} ({fmt}: {loaded.n_kept} of {loaded.graph.n_gates} {unit} kept)")
 
 
 def main() -> None:
