@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -15,6 +16,13 @@ from ..tasks import Task, get_task
 from ._circuit import Circuit
 from ._problem import Problem
 from .acdc import CheckpointMismatch, acdc, visit_order
+from .atp_star import atp_star
+from .eap import eap
+from .eap_ig import eap_ig
+from .exact import exact_patching
+from .hisp import hisp
+from .stability import rank_agreement, split_half_stability
+from .wrong_answer import wrong_answer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +59,19 @@ register_method(MethodSpec("acdc", acdc, "edge", True, "ACDC: greedy exact pruni
 register_method(MethodSpec(
     "acdc-nodes", acdc, "node", True, "ACDC over nodes (heads and MLPs as units): a cheaper first pass",
 ))
+register_method(MethodSpec("eap", eap, "edge", False, "EAP: gradient of the metric at all gates 1, one backward pass"))
+register_method(MethodSpec("eap-nodes", eap, "node", False, "EAP over nodes (heads, MLPs, embed)"))
+register_method(MethodSpec("eap-ig", eap_ig, "edge", False, "EAP-IG: gate gradients integrated from all gates 0 to 1"))
+register_method(MethodSpec(
+    "eap-ig-inputs", functools.partial(eap_ig, variant="inputs"), "edge", False,
+    "EAP-IG over inputs: gradients along the embedding interpolated from ablated to clean",
+))
+register_method(MethodSpec("atp-star", atp_star, "edge", False, "AtP*: EAP with the QK fix and GradDrop"))
+register_method(MethodSpec("hisp", hisp, "node", False, "HISP: mean absolute per-prompt gradient of node gates"))
+register_method(MethodSpec(
+    "wrong-answer", wrong_answer, "edge", False, "gradient of a maximally-wrong-answer loss (gates, optionally weights)",
+))
+register_method(MethodSpec("exact-patching", exact_patching, "edge", False, "exact effect of ablating each edge alone"))
 
 
 def discover(
@@ -108,10 +129,18 @@ __all__ = [
     "MethodSpec",
     "Problem",
     "acdc",
+    "atp_star",
     "attach_reference_scores",
     "discover",
+    "eap",
+    "eap_ig",
+    "exact_patching",
     "get_method",
+    "hisp",
     "method_names",
+    "rank_agreement",
     "register_method",
+    "split_half_stability",
     "visit_order",
+    "wrong_answer",
 ]

@@ -281,12 +281,12 @@ def gate_point_logits(run: GatedRun, row, point, aux, shared, per_config) -> Arr
 
 
 def embed_path_logits(run: GatedRun, row, point, aux, shared, per_config) -> Array:
-    """All gates at 1, the embedding interpolated by ``aux["alphas"][point]``; ``shared`` are ghost gates."""
+    """All gates at 1, the embedding interpolated by ``aux["alphas"][point]``; ``shared[point]`` are ghost gates."""
     ghost_deltas = jnp.take(aux["clean_deltas"], row[None], axis=1)
     return run_probed(
         run,
         aux["gates"],
-        ghost=aux["ghost_base"] + shared,
+        ghost=aux["ghost_base"] + shared[point],
         ghost_deltas=ghost_deltas,
         embed_scale=aux["alphas"][point],
     )

@@ -79,8 +79,12 @@ def integrated_gate_gradient(problem: Problem, alphas, weights, *, chunk_size: i
     return np.asarray(weights, np.float64) @ gate_gradients(problem, points, chunk_size=chunk_size)
 
 
-def integrated_input_gradient(problem: Problem, alphas, weights, *, chunk_size: int | None = None) -> np.ndarray:
-    """``sum_j weights[j] * (x_s - x~_s) . (d loss / d in_d)`` on the embedding path, per gate unit."""
+def input_path_gradients(problem: Problem, alphas, *, chunk_size: int | None = None) -> np.ndarray:
+    """``[n_points, n_gates]``: ``(x_s - x~_s) . (d loss / d in_d)`` with the embedding at each ``alpha``.
+
+    ``x_s - x~_s`` are the clean run's differences; every gate is at 1 and only the embedding is
+    interpolated (see the module docstring). One compilation per number of points.
+    """
     dtype = problem.model.dtype
     graph = problem.graph
     run = problem.run
@@ -89,25 +93,26 @@ def integrated_input_gradient(problem: Problem, alphas, weights, *, chunk_size: 
     if graph.level == "edge" and graph.internal_edges:
         internal[graph.indices(graph.internal_edge_names)] = 1.0
     alphas = jnp.asarray(alphas, dtype)
+    n_points = int(alphas.shape[0])
     _, grad, _ = pullback(
         problem,
         embed_path_logits,
-        n_points=int(alphas.shape[0]),
-        weights=weights,
+        n_points=n_points,
+        weights=jnp.ones(n_points),
         aux={
             "gates": graph.gates(1.0, dtype),
             "alphas": alphas,
             "clean_deltas": clean_deltas.astype(dtype),
             "ghost_base": jnp.asarray(internal, dtype),
         },
-        shared=graph.gates(0.0, dtype),
+        shared=jnp.zeros((n_points, graph.n_gates), dtype),
         chunk_size=chunk_size,
     )
     grad = np.asarray(grad, np.float64)
     # an internal edge gates its input's whole difference: the sum of that input's residual edges
     for name in graph.internal_edge_names if graph.level == "edge" else ():
         dst, _ = graph.split_edge(name)  # "a{l}.{h}.t->a{l}.{h}": the input is the edge's tail
-        grad[graph.index(name)] = sum(grad[graph.index(f"{src}->{dst}")] for src in graph.sources_of(dst))
+        grad[:, graph.index(name)] = sum(grad[:, graph.index(f"{src}->{dst}")] for src in graph.sources_of(dst))
     return grad
 
 
@@ -140,7 +145,7 @@ def eap_ig(
         loss_start = _loss(problem, graph.gates(0.0, dtype))
         in_sum = np.ones(graph.n_gates, bool)
     else:
-        signed = -integrated_input_gradient(problem, alphas, weights, chunk_size=chunk_size)
+        signed = -(weights @ input_path_gradients(problem, alphas, chunk_size=chunk_size))
         loss_start = float(_jit_embed_path_loss(problem, jnp.asarray(0.0, dtype)))
         in_sum = _out_of_embed(problem)
     loss_clean = _loss(problem, graph.gates(1.0, dtype))
