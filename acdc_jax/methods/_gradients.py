@@ -41,7 +41,7 @@ from jaxtyping import Array, Float, Int
 from ..graph import Graph
 from ..models import Ablation, DenseGates, Transformer, TransformerConfig
 from ..models._transformer import _block_at, _embed, _layer_norm, _lead, _mlp, _unembed
-from ..patching import GatedRun, bytes_per_configuration, chunked_vmap, device_memory_bytes
+from ..patching import GatedRun, auto_chunk_size, bytes_per_configuration, chunked_vmap, device_memory_bytes
 from ._circuit import Circuit
 from ._problem import Problem
 
@@ -205,7 +205,13 @@ def pullback(
     chunk_size = int(chunk_size)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    return _jit_pullback(problem, logits_fn, aux, shared, per_config, rows, points, weights, n_points, chunk_size)
+    return _jit_pullback(computation(problem), logits_fn, aux, shared, per_config, rows, points, weights, n_points, chunk_size)
+
+
+def computation(problem: Problem) -> Problem:
+    """The problem without its labels (task name, ablation name), which the numbers do not depend on:
+    problems that differ only in labels share every compiled function."""
+    return Problem(problem.run, problem.inputs, problem.metric, "", "")
 
 
 def _configs_logits(problem, logits_fn, aux, shared, rows, points, per_config):
@@ -306,28 +312,32 @@ def drop_layer_logits(run: GatedRun, row, point, aux, shared, per_config) -> Arr
 # Exact single-unit ablations (the ground truth the estimates approximate)
 
 
-def exact_unit_effects(problem: Problem, *, base: float = 1.0, chunk_size: int | None = None) -> np.ndarray:
-    """``loss(gates with unit i flipped) - loss(gates)`` for every gate unit, at all gates ``base``.
+def exact_unit_effects(
+    problem: Problem, *, base: float = 1.0, value: float = 0.0, chunk_size: int | None = None
+) -> np.ndarray:
+    """``loss(all gates base, unit i at value) - loss(all gates base)`` for every gate unit i.
 
-    At ``base=1`` this is exactly what the attribution scores estimate: how much removing one
-    edge (or node) alone moves the lower-is-better loss. One vmapped batch of ``n_gates + 1`` runs.
+    At ``base=1, value=0`` it is the exact effect of removing one edge (or node) alone on the
+    lower-is-better loss, the quantity attribution scores estimate, with their sign convention
+    (positive = the unit supports the clean behaviour). One vmapped batch of ``n_gates + 1`` runs, one compilation for every ``base``/``value``
+    (central finite differences use ``value = 1 +- eps``).
     """
     n = problem.graph.n_gates
     if chunk_size is None:
-        from ..patching import auto_chunk_size
-
         chunk_size = auto_chunk_size(problem.run, n + 1)
-    losses = np.asarray(_jit_flip_losses(problem, jnp.asarray(base, problem.model.dtype), int(chunk_size)), np.float64)
+    dtype = problem.model.dtype
+    losses = _jit_unit_losses(computation(problem), jnp.asarray(base, dtype), jnp.asarray(value, dtype), int(chunk_size))
+    losses = np.asarray(losses, np.float64)
     return losses[1:] - losses[0]
 
 
 @eqx.filter_jit
-def _jit_flip_losses(problem: Problem, base, chunk: int):
+def _jit_unit_losses(problem: Problem, base, value, chunk: int):
     n = problem.graph.n_gates
     gates = jnp.full((n,), base, problem.model.dtype)
 
-    def one(i):  # i = -1 flips nothing: the loss at ``base`` itself
-        return problem.loss(jnp.where(jnp.arange(n) == i, 1 - base, gates))
+    def one(i):  # i = -1 changes nothing: the loss at ``base`` itself
+        return problem.loss(jnp.where(jnp.arange(n) == i, value, gates))
 
     return chunked_vmap(one, jnp.arange(-1, n, dtype=jnp.int32), chunk)
 
@@ -391,7 +401,7 @@ def attribution_circuit(
     elif threshold is not None:
         kept = tuple(names[i] for i in np.flatnonzero(np.nan_to_num(scores, nan=-np.inf) >= threshold))
     if top_n is not None or threshold is not None:
-        metric_value = problem.evaluate(problem.graph.gates_from_names(kept, problem.model.dtype))
+        metric_value = computation(problem).evaluate(problem.graph.gates_from_names(kept, problem.model.dtype))
     extra = dict(extra or {})
     extra.setdefault("signed", signed)
     return Circuit(

@@ -52,6 +52,7 @@ from ._circuit import Circuit
 from ._gradients import (
     attention_pattern,
     attribution_circuit,
+    computation,
     drop_layer_logits,
     grad_chunk_size,
     project,
@@ -97,7 +98,7 @@ def atp_estimates(
         d_pattern = grad_pattern.reshape((n_points, n_rows) + grad_pattern.shape[1:])[:, :, :, 0]
         if chunk_size is None:
             chunk_size = grad_chunk_size(problem, n_rows)
-        exact = np.asarray(_jit_qk_fix(problem, d_pattern, int(chunk_size)), np.float64)  # [P, L, H, 2, S+1]
+        exact = np.asarray(_jit_qk_fix(computation(problem), d_pattern, int(chunk_size)), np.float64)  # [P, L, H, 2, S+1]
         table = qk_edge_table(graph)
         where = table >= 0
         estimates[:, table[where]] = exact[:, where]

@@ -48,7 +48,7 @@ import numpy as np
 
 from ..patching import source_values
 from ._circuit import Circuit
-from ._gradients import attribution_circuit, embed_path_logits, pullback, run_probed
+from ._gradients import attribution_circuit, computation, embed_path_logits, pullback, run_probed
 from ._problem import Problem
 from .eap import gate_gradients
 
@@ -146,7 +146,7 @@ def eap_ig(
         in_sum = np.ones(graph.n_gates, bool)
     else:
         signed = -(weights @ input_path_gradients(problem, alphas, chunk_size=chunk_size))
-        loss_start = float(_jit_embed_path_loss(problem, jnp.asarray(0.0, dtype)))
+        loss_start = float(_jit_embed_path_loss(computation(problem), jnp.asarray(0.0, dtype)))
         in_sum = _out_of_embed(problem)
     loss_clean = _loss(problem, graph.gates(1.0, dtype))
     total = float(signed[in_sum].sum())
@@ -175,7 +175,7 @@ def _out_of_embed(problem: Problem) -> np.ndarray:
 
 
 def _loss(problem: Problem, gates) -> float:
-    value = problem.evaluate(gates)
+    value = computation(problem).evaluate(gates)
     return -value if problem.metric.higher_is_better else value
 
 
