@@ -26,7 +26,7 @@ from acdc_jax.methods.eap_ig import eap_ig, input_path_gradients, quadrature
 from acdc_jax.methods.hisp import hisp, per_prompt_gate_gradients
 from acdc_jax.methods.wrong_answer import node_weight_scores, weight_gradients
 from acdc_jax.metrics import MetricInputs, get_metric, wrong_answer_loss
-from acdc_jax.models import Ablation, forward
+from acdc_jax.models import Ablation, build_model, expected_shapes, forward
 from acdc_jax.tasks import Task, get_task
 
 from .conftest import TINY_CONFIGS
@@ -52,10 +52,21 @@ def _toy_task(model, metric="nll", n_prompts=4, seed=0):
     )
 
 
+def _random_model(cfg, seed, std):
+    """Normal(0, std) weights, LayerNorm scales near 1, drawn with numpy (``init_model`` compiles a
+    random kernel per shape and dtype, which costs seconds), in float64."""
+    rng = np.random.RandomState(seed)
+    arrays = {
+        name: 1.0 + 0.1 * rng.randn(*shape) if name.endswith(("ln1.w", "ln2.w", "ln_final.w")) else std * rng.randn(*shape)
+        for name, shape in expected_shapes(cfg).items()
+    }
+    return build_model(cfg, arrays, dtype=jnp.float64)
+
+
 @functools.lru_cache(maxsize=None)
 def _toy_problem():
     """The gpt2-like tiny model (LayerNorm, GELU MLPs), float64, nll: nonlinear in every gate."""
-    model = aj.init_model(TINY_CONFIGS["gpt2-like"], jax.random.PRNGKey(0), std=0.3).astype(jnp.float64)
+    model = _random_model(TINY_CONFIGS["gpt2-like"], 0, 0.3)
     return Problem.build(model, _toy_task(model), metric="nll", ablation="corrupt")
 
 
@@ -65,7 +76,7 @@ def _attention_only(n_layers, frozen_patterns=False, silent_layer=None):
     cfg = aj.TransformerConfig(
         n_layers=n_layers, n_heads=2, d_model=8, d_head=4, d_vocab=11, n_ctx=6, normalization=None, tied_unembed=False,
     )
-    model = aj.init_model(cfg, jax.random.PRNGKey(1), std=1.0).astype(jnp.float64)
+    model = _random_model(cfg, 1, 1.0)
     attn = model.blocks.attn
     if frozen_patterns:
         model = eqx.tree_at(lambda m: (m.blocks.attn.W_Q, m.blocks.attn.W_K), model,
@@ -170,7 +181,10 @@ def _midpoint_union():
 def test_eap_ig_completeness_error_shrinks_with_steps():
     """Gates path: the scores sum to loss(all gates 0) - loss(all gates 1) up to the quadrature error.
     Inputs path: the edges out of ``embed`` sum to loss(ablated embedding) - loss(clean), which with
-    corrupted-input ablation is the same number."""
+    corrupted-input ablation is the same number. The error must fall as the midpoint rule's does: it
+    is second order, so two doublings of the steps divide it by about 16 once the steps resolve the
+    integrand (a first-order rule would manage 4); how close a given number of steps gets depends on
+    the model's curvature, so the error at 64 steps is printed, not held to a level."""
     with jax.enable_x64(True):
         problem = _linear_problem()
         graph = problem.graph
@@ -190,7 +204,7 @@ def test_eap_ig_completeness_error_shrinks_with_steps():
     assert abs(target) > 0.1
     for errors in (gate_errors, input_errors):
         assert all(b < a for a, b in zip(errors[2:], errors[3:]))  # shrinking, from 4 steps on
-        assert errors[-1] < 1e-3 * abs(target)
+        assert errors[-1] < errors[-3] / 8  # 16 -> 64 steps: better than first order
 
 
 def test_quadrature_rules():
@@ -356,9 +370,9 @@ def test_wrong_answer_weight_gradients_match_a_direct_gradient():
     with jax.enable_x64(True):
         problem = _toy_problem()
         model, run = problem.model, problem.run
-        direct = eqx.filter_grad(
+        direct = eqx.filter_jit(eqx.filter_grad(
             lambda m: problem.metric.loss(forward(m, run.tokens, positions=run.positions), problem.inputs)
-        )(model)
+        ))(model)
         engine = weight_gradients(problem)
         direct = jax.tree.map(np.asarray, eqx.filter(direct, eqx.is_inexact_array))
         engine = jax.tree.map(np.asarray, engine)
@@ -397,13 +411,10 @@ def _swapped_pairs_task():
 
 def test_wrong_answer_method_on_swapped_pairs():
     task = _swapped_pairs_task()
-    circuit = discover(planted_model(), task, method="wrong-answer", pairs=True, weights=True, top_n=7)
+    circuit = discover(planted_model(), task, method="wrong-answer", pairs=True, top_n=7)
     assert circuit.settings["paired"] and circuit.metric == "wrong_answer_mse"
     assert {"embed->a1.0.v", "a1.0->logits"} <= set(circuit.kept)  # the unsaturated direct path
-    saliency = circuit.extra["weight_scores"]["saliency"]
-    assert set(saliency) == set(circuit.graph.nodes)
-    print(f"\nplanted swapped pairs, wrong-answer (mse): AUC {circuit.extra['auc']:.3f}; weight saliency "
-          + ", ".join(f"{k} {v:.3g}" for k, v in saliency.items()))
+    print(f"\nplanted swapped pairs, wrong-answer (mse): AUC {circuit.extra['auc']:.3f}")
     with pytest.raises(ValueError, match="swapped prompt pairs"):
         get_method("wrong-answer").fn(_planted_problem(), pairs=True)
 
@@ -483,10 +494,13 @@ def test_tracr_aucs(name):
 
     What can be promised: l2 is 0 at the clean model and positive elsewhere, so exact single-edge
     scores are >= 0, and under zero ablation (where every ground-truth edge matters on its own and
-    no other edge does) exact patching ranks the ground truth first: AUC 1. EAP at the clean point
-    has zero gradient (l2's minimum). EAP-IG obeys completeness. No gradient method is promised an
-    AUC, so they are printed, not asserted. Under corrupted-input patching some ground-truth edges
-    have no effect at all (see the tracr task docstring), so not even exact patching reaches 1.
+    no other edge does) exact patching ranks the ground truth first: AUC 1. Every method that takes
+    the gradient at the clean model (EAP, AtP*, HISP) gets zero there, l2's minimum: their scores
+    are float dust and their AUC means nothing; we assert the zero for EAP (AtP*'s estimates are
+    made of the same zero gradient) and print EAP at the corrupted point instead. EAP-IG obeys
+    completeness up to its quadrature error. No gradient method is promised an AUC, so they are
+    printed, not asserted. Under corrupted-input patching some ground-truth edges have no effect at
+    all (see the tracr task docstring), so not even exact patching need reach 1.
     """
     model, task = aj.load_model(name), get_task(name)
     corrupt = Problem.build(model, task, ablation="corrupt")
@@ -498,25 +512,25 @@ def test_tracr_aucs(name):
     graph = corrupt.graph
     labels = task.canonical.labels(graph)
     alphas, weights = quadrature(16)
+    ones = np.ones((1, graph.n_gates))
     for ablation, problem in (("zero", zero), ("corrupt", corrupt)):
-        grads = gate_gradients(problem, np.concatenate([np.ones((1, graph.n_gates)), alphas[:, None] * np.ones((1, graph.n_gates))]))
-        eap_scores, ig_scores = -grads[0], -(weights @ grads[1:])
-        inputs_scores = -(weights @ input_path_gradients(problem, alphas))
-        atp = atp_estimates(problem)
+        grads = gate_gradients(problem, np.concatenate([ones, 0 * ones, alphas[:, None] * ones]))
+        eap_clean, eap_corrupted, ig = -grads[0], -grads[1], -(weights @ grads[2:])
+        inputs = -(weights @ input_path_gradients(problem, alphas))
         exact = exact_unit_effects(problem)
         aucs = {
             "exact": roc_auc(exact, labels),
-            "eap": roc_auc(eap_scores, labels),
-            "eap-ig": roc_auc(ig_scores, labels),
-            "|eap-ig|": roc_auc(np.abs(ig_scores), labels),
-            "eap-ig-inputs": roc_auc(inputs_scores, labels),
-            "atp* (qk fix)": roc_auc(atp[0], labels),
-            "atp* (graddrop)": roc_auc(graddrop_scores(problem, atp), labels),
+            "eap (corrupted point)": roc_auc(eap_corrupted, labels),
+            "eap-ig": roc_auc(ig, labels),
+            "|eap-ig|": roc_auc(np.abs(ig), labels),
+            "eap-ig-inputs": roc_auc(inputs, labels),
+            "|eap-ig-inputs|": roc_auc(np.abs(inputs), labels),
         }
         target = _loss(problem, graph.gates(0.0)) - _loss(problem, graph.gates(1.0))
         print(f"\n{name} ({ablation} ablation, l2) AUC: " + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items())
-              + f"; EAP-IG score sum {ig_scores.sum():.4f} vs loss(ablated) - loss(clean) {target:.4f}")
+              + f"; eap, atp-star, hisp at the clean point: zero gradient (max |eap| {np.abs(eap_clean).max():.1e})"
+              + f"; EAP-IG score sum {ig.sum():.4f} vs loss(ablated) - loss(clean) {target:.4f}")
         assert np.all(exact > -1e-6)
         if ablation == "zero":
             assert aucs["exact"] == 1.0
-        assert np.abs(eap_scores).max() < 1e-4 * np.abs(ig_scores).max()
+        assert np.abs(eap_clean).max() < 1e-4 * np.abs(ig).max()

@@ -23,6 +23,9 @@ exact for *any* metric, not only for means over prompts: a first chunked forward
 configuration's logits, the metric's cotangent with respect to those logits is computed on the
 whole batch, and a second chunked pass pulls each chunk's cotangent back (chunks are independent
 because a prompt's logits depend only on that prompt). Padding configurations get a zero cotangent.
+The first pass keeps every configuration's logits at the read positions (``[configs, k, vocab]``),
+and per-configuration probe gradients come back whole; shared probe gradients are summed as the
+chunks go.
 """
 
 from __future__ import annotations

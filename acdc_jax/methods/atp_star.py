@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import equinox as eqx
 import jax
@@ -50,6 +51,7 @@ from ..models._transformer import _block_at
 from ..patching import source_values
 from ._circuit import Circuit
 from ._gradients import (
+    MINIMUM_AT_CLEAN,
     attention_pattern,
     attribution_circuit,
     computation,
@@ -133,6 +135,13 @@ def atp_star(
     GradDrop magnitudes with ``graddrop``, else the signed (or, with ``absolute``, absolute)
     estimates. ``top_n``, ``threshold``, ``chunk_size`` as in ``eap``.
     """
+    if problem.metric.name in MINIMUM_AT_CLEAN:
+        warnings.warn(
+            f"AtP* with {problem.metric.name!r}: the clean model is this metric's minimum, so the gradient with "
+            "respect to every gate and attention pattern is zero and so is every estimate; use a metric such as "
+            "logit_diff, or eap-ig",
+            stacklevel=2,
+        )
     started = time.perf_counter()
     estimates = atp_estimates(problem, qk_fix=qk_fix, graddrop=graddrop, chunk_size=chunk_size)
     extra = {}

@@ -52,8 +52,10 @@ def split_half_stability(
     """Run ``method`` on two disjoint random halves of the prompts per seed and compare the halves.
 
     ``method`` is a registered name or a function ``fn(problem, **options) -> Circuit``; its
-    ``circuit.scores`` are compared (``absolute=True`` compares ``|scores|``). Returns per-seed lists
-    of ``spearman``, ``kendall`` and ``top_k_overlap``, and their means.
+    ``circuit.scores`` are compared (``absolute=True`` compares ``|scores|``). The prompts are cut
+    into consecutive groups of ``group_size`` rows, shuffled by the seed and dealt into two halves
+    of equal size (with an odd number of groups one group sits out), so both halves compile once.
+    Returns per-seed lists of ``spearman``, ``kendall`` and ``top_k_overlap``, and their means.
     """
     if isinstance(method, str):
         from . import get_method
