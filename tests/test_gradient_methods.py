@@ -318,6 +318,26 @@ def test_graddrop_drops_exactly_the_paths_through_a_layer():
     np.testing.assert_allclose(scores[~into_0 & ~into_1], np.abs(estimates[0][~into_0 & ~into_1]), rtol=1e-12)
 
 
+def test_internal_edges():
+    """ACDC's graph, with ``a.h.q|k|v -> a.h`` edges: ablating one ablates that whole input. AtP*'s QK
+    fix recomputes the pattern with the input fully ablated (exact here, as above); EAP-IG over
+    inputs gives an internal edge the sum of its input's residual edges (it gates their sum)."""
+    with jax.enable_x64(True):
+        model = _attention_only(1)
+        problem = Problem.build(model, _toy_task(model, "logit_diff", seed=1), metric="logit_diff", internal_edges=True)
+        exact = exact_unit_effects(problem)
+        atp = atp_estimates(problem, graddrop=False)[0]
+        inputs = eap_ig(problem, steps=1, variant="inputs").scores
+    graph = problem.graph
+    internal = graph.indices(graph.internal_edge_names)
+    np.testing.assert_allclose(atp, exact, rtol=1e-9, atol=1e-9)
+    assert np.abs(exact[internal]).max() > 0.1
+    for name in graph.internal_edge_names:
+        dst, _ = graph.split_edge(name)
+        residual = graph.indices([f"{src}->{dst}" for src in graph.sources_of(dst)])
+        np.testing.assert_allclose(inputs[graph.index(name)], inputs[residual].sum(), rtol=1e-12, atol=1e-12)
+
+
 # --------------------------------------------------------------------------------------------
 # HISP
 

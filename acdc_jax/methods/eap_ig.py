@@ -108,7 +108,7 @@ def input_path_gradients(problem: Problem, alphas, *, chunk_size: int | None = N
         shared=jnp.zeros((n_points, graph.n_gates), dtype),
         chunk_size=chunk_size,
     )
-    grad = np.asarray(grad, np.float64)
+    grad = np.array(grad, np.float64)  # a writable copy
     # an internal edge gates its input's whole difference: the sum of that input's residual edges
     for name in graph.internal_edge_names if graph.level == "edge" else ():
         dst, _ = graph.split_edge(name)  # "a{l}.{h}.t->a{l}.{h}": the input is the edge's tail
