@@ -19,7 +19,7 @@ import pytest
 import acdc_jax as aj
 from acdc_jax.evaluate import roc_auc
 from acdc_jax.methods import Problem, discover, get_method, method_names, rank_agreement, split_half_stability
-from acdc_jax.methods._gradients import computation, exact_unit_effects, gate_point_logits, pullback
+from acdc_jax.methods._gradients import computation, exact_unit_effects, gate_point_logits, pullback, run_probed
 from acdc_jax.methods.atp_star import atp_estimates, graddrop_scores
 from acdc_jax.methods.eap import eap, gate_gradients
 from acdc_jax.methods.eap_ig import eap_ig, input_path_gradients, quadrature
@@ -114,8 +114,12 @@ def _into(graph, suffixes):
 
 
 def test_eap_equals_central_differences_edge_by_edge():
+    """EAP (through the methods' probed forward) against central differences of the gated metric
+    (through ``gated_forward``); with no probes the two forwards agree at any gates."""
     with jax.enable_x64(True):
         problem = _toy_problem()
+        gates = jnp.asarray(np.random.RandomState(0).uniform(size=problem.graph.n_gates))
+        np.testing.assert_allclose(jax.jit(run_probed)(problem.run, gates), problem.run(gates), rtol=1e-12, atol=1e-12)
         scores = eap(problem).scores
         eps = 1e-5
         up = exact_unit_effects(problem, value=1.0 + eps)  # loss(g_i = 1 + eps) - loss(all 1)

@@ -322,8 +322,8 @@ def exact_unit_effects(
 
     At ``base=1, value=0`` it is the exact effect of removing one edge (or node) alone on the
     lower-is-better loss, the quantity attribution scores estimate, with their sign convention
-    (positive = the unit supports the clean behaviour). One vmapped batch of ``n_gates + 1`` runs, one compilation for every ``base``/``value``
-    (central finite differences use ``value = 1 +- eps``).
+    (positive = the unit supports the clean behaviour). One vmapped batch of ``n_gates + 1`` runs,
+    one compilation for every ``base``/``value`` (central finite differences use ``value = 1 +- eps``).
     """
     n = problem.graph.n_gates
     if chunk_size is None:
