@@ -158,3 +158,79 @@ def get_metric(name: str | Metric, **options) -> Metric:
     if isinstance(name, Metric):
         return name
     return _make(name, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items())))
+
+
+# --------------------------------------------------------------------------------------------
+# Wrong-answer losses: how far the model is from a "maximally wrong" output
+#
+# The gradient proposal scores gates (and weights) by the gradient of a loss whose minimum is a
+# maximally wrong output. Each loss below is a ``Metric`` with ``higher_is_better=True``: its value
+# is 0 (or its minimum) at the maximally wrong output and grows as the model answers correctly, so
+# ``Metric.loss`` (lower is better) and every attribution method's sign convention apply unchanged:
+# a positive edge score means that removing the edge moves the output towards wrong.
+#
+# All read the last read position of each prompt; ``a`` is the mean logit of the prompt's answers,
+# ``w`` the mean logit of its wrong answers, ``LD = a - w``; every loss is a mean over prompts.
+# - ``mse`` (the proposal's): ``(a - w)^2``, the squared difference of the two answer logits.
+#   Maximally wrong: 0, the two answers indistinguishable. On a swapped prompt pair (IOI with
+#   ``pairs=True``: rows 2i and 2i+1 have their answer and wrong answer exchanged) the proposal
+#   sums this over both prompts; since ``(a - w)^2`` is symmetric in the two names, the pair sum is
+#   exactly twice the mean over the pair's two prompts, so pairing enters only as that constant
+#   factor and the loss is defined (and identical in ranking) on any task with answers.
+# - ``ce``: ``-log p(wrong answers)``, the cross-entropy of the prediction against the wrong
+#   answer(s) (with several, against their total probability). Maximally wrong: 0, all probability
+#   on the wrong answer.
+# - ``flip``: ``(LD + LD_clean)^2``, the squared distance of the logit difference from the mirror
+#   image of the clean model's. Maximally wrong: 0, the preference reversed at the same margin.
+# - ``logit_diff``: ``LD`` itself, unbounded below (the plain logit difference, for comparison).
+
+
+def _answer_logit_pair(logits, inputs: MetricInputs) -> tuple[Array, Array]:
+    if inputs.answers is None or inputs.wrong_answers is None:
+        raise ValueError("wrong-answer losses need a task with answers and wrong_answers")
+    right = _answer_logits(logits, inputs.answers).mean(-1)
+    wrong = _answer_logits(logits, inputs.wrong_answers).mean(-1)
+    return right, wrong
+
+
+def wrong_answer_mse(logits, inputs: MetricInputs):
+    right, wrong = _answer_logit_pair(logits, inputs)
+    return ((right - wrong) ** 2).mean()
+
+
+def wrong_answer_ce(logits, inputs: MetricInputs):
+    if inputs.wrong_answers is None:
+        raise ValueError("the 'ce' wrong-answer loss needs a task with wrong_answers")
+    logp = jax.nn.log_softmax(_last_read(logits), axis=-1)
+    picked = jnp.take_along_axis(logp, inputs.wrong_answers, axis=-1)
+    return -jax.nn.logsumexp(picked, axis=-1).mean()
+
+
+def wrong_answer_flip(logits, inputs: MetricInputs):
+    right, wrong = _answer_logit_pair(logits, inputs)
+    clean_right, clean_wrong = _answer_logit_pair(inputs.clean_logits, inputs)
+    return ((right - wrong + clean_right - clean_wrong) ** 2).mean()
+
+
+def wrong_answer_logit_diff(logits, inputs: MetricInputs):
+    right, wrong = _answer_logit_pair(logits, inputs)
+    return (right - wrong).mean()
+
+
+_WRONG_ANSWER_LOSSES = {
+    "mse": (wrong_answer_mse, "(logit(answer) - logit(wrong))^2; 0 when the two answers are indistinguishable"),
+    "ce": (wrong_answer_ce, "-log p(wrong answers); 0 when all probability is on the wrong answer"),
+    "flip": (wrong_answer_flip, "(LD + LD_clean)^2; 0 when the logit difference is mirrored"),
+    "logit_diff": (wrong_answer_logit_diff, "logit(answer) - logit(wrong), unbounded below"),
+}
+WRONG_ANSWER_LOSSES = tuple(_WRONG_ANSWER_LOSSES)
+
+
+def wrong_answer_loss(name: str) -> Metric:
+    """A wrong-answer loss by name (``mse``, ``ce``, ``flip``, ``logit_diff``) as a higher-is-better ``Metric``."""
+    if name not in _WRONG_ANSWER_LOSSES:
+        close = difflib.get_close_matches(name, WRONG_ANSWER_LOSSES, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown wrong-answer loss {name!r}: choose one of {', '.join(WRONG_ANSWER_LOSSES)}{hint}")
+    fn, description = _WRONG_ANSWER_LOSSES[name]
+    return Metric(f"wrong_answer_{name}", fn, True, description)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -18,6 +19,13 @@ from .acdc import CheckpointMismatch, acdc, visit_order
 from .learned_mask import learned_mask
 from .node_patching import node_patching
 from .path_patching import Path, path_patching
+from .atp_star import atp_star
+from .eap import eap
+from .eap_ig import eap_ig
+from .exact import exact_patching
+from .hisp import hisp
+from .stability import rank_agreement, split_half_stability
+from .wrong_answer import wrong_answer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +75,19 @@ register_method(MethodSpec(
 register_method(MethodSpec(
     "learned-mask-nodes", learned_mask, "node", True, "Subnetwork Probing: hard-concrete node gates trained under an L0 penalty",
 ))
+register_method(MethodSpec("eap", eap, "edge", False, "EAP: gradient of the metric at all gates 1, one backward pass"))
+register_method(MethodSpec("eap-nodes", eap, "node", False, "EAP over nodes (heads, MLPs, embed)"))
+register_method(MethodSpec("eap-ig", eap_ig, "edge", False, "EAP-IG: gate gradients integrated from all gates 0 to 1"))
+register_method(MethodSpec(
+    "eap-ig-inputs", functools.partial(eap_ig, variant="inputs"), "edge", False,
+    "EAP-IG over inputs: gradients along the embedding interpolated from ablated to clean",
+))
+register_method(MethodSpec("atp-star", atp_star, "edge", False, "AtP*: EAP with the QK fix and GradDrop"))
+register_method(MethodSpec("hisp", hisp, "node", False, "HISP: mean absolute per-prompt gradient of node gates"))
+register_method(MethodSpec(
+    "wrong-answer", wrong_answer, "edge", False, "gradient of a maximally-wrong-answer loss (gates, optionally weights)",
+))
+register_method(MethodSpec("exact-patching", exact_patching, "edge", False, "exact effect of ablating each edge alone"))
 
 
 def discover(
@@ -125,13 +146,21 @@ __all__ = [
     "Path",
     "Problem",
     "acdc",
+    "atp_star",
     "attach_reference_scores",
     "discover",
+    "eap",
+    "eap_ig",
+    "exact_patching",
     "get_method",
+    "hisp",
     "learned_mask",
     "method_names",
     "node_patching",
     "path_patching",
+    "rank_agreement",
     "register_method",
+    "split_half_stability",
     "visit_order",
+    "wrong_answer",
 ]

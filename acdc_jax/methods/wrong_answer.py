@@ -1,0 +1,145 @@
+"""The "maximally wrong answer" gradient: score gates (and weights) by the gradient of a wrong-answer loss.
+
+The proposal: on a prompt pair whose correct answers are swapped (IOI: "..., Mary gave a drink
+to" / "..., John gave a drink to"), take the MSE between the two answer logits at the last
+position, summed over both prompts; its minimum is an output that cannot tell the answers apart,
+and its gradient with respect to the gates at 1 points toward that "maximally wrong" output.
+``acdc_jax.metrics.wrong_answer_loss`` defines it (``"mse"``) and three alternatives (``"ce"``:
+cross-entropy toward the wrong answer, ``"flip"``: distance to the mirrored logit difference,
+``"logit_diff"``), each a higher-is-better ``Metric`` ``W`` whose minimum is its notion of wrong.
+
+**Edge scores.** ``score_e = dW / d g_e`` at all gates 1 (= ``-(d loss / d g_e)`` with
+``loss = -W``, as in ``eap``): the first-order estimate of ``W(full) - W(edge ablated)``.
+**Positive = removing the edge moves the output toward wrong**, i.e. the edge supports the clean
+behaviour; negative = removing it moves the output away from wrong.
+
+**Pairing.** Every loss is a mean over prompts of a per-prompt term, so it is defined on any task
+with ``answers``/``wrong_answers``; on swapped pairs (rows 2i and 2i+1, e.g. IOI's
+``pairs=True``) the proposal's pair sum of ``mse`` is twice the mean over the pair, a constant
+factor. ``pairs=True`` checks that the task is paired that way (and fails loudly if not); the
+settings record whether it is.
+
+**Weights** (``weights=True``): the gradient of ``W`` with respect to every parameter of the clean
+model (all gates 1 is the clean model, whatever the ablation), aggregated per node into
+``circuit.extra["weight_scores"]``: ``grad_norm``, the L2 norm of the gradient over the node's
+parameters (a head: its slices of ``W_Q, W_K, W_V, b_Q, b_K, b_V, W_O``; an MLP: ``W_in, b_in,
+W_out, b_out``; ``embed``: ``W_E, W_pos``, which with a tied unembedding includes the unembedding
+path), and ``saliency``, ``sum(theta * dW/dtheta)``, the first-order estimate of
+``W(theta) - W(that node's parameters at 0)`` (positive = the parameters support the clean
+behaviour). ``b_O``, LayerNorms and the unembedding belong to no node and are left out.
+
+The proposal calls these gradients noisy; ``acdc_jax.methods.stability`` measures how stable
+their rankings are across prompt subsets.
+"""
+
+from __future__ import annotations
+
+import time
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+
+from ..metrics import wrong_answer_loss
+from ..models import forward
+from ..patching import GatedRun
+from ._circuit import Circuit
+from ._gradients import attribution_circuit, pullback
+from ._problem import Problem
+from .eap import gate_gradients
+
+
+def is_swapped_pairs(problem: Problem) -> bool:
+    """Rows 2i and 2i+1 have their (first) answer and wrong answer exchanged."""
+    answers, wrong = problem.inputs.answers, problem.inputs.wrong_answers
+    if answers is None or wrong is None or answers.shape[0] % 2:
+        return False
+    a, w = np.asarray(answers[:, 0]), np.asarray(wrong[:, 0])
+    return bool(np.all(a[0::2] == w[1::2]) and np.all(a[1::2] == w[0::2]))
+
+
+def weight_logits(run: GatedRun, row, point, aux, shared, per_config):
+    """The clean forward with the floating-point parameters taken from ``shared``."""
+    model = eqx.combine(shared, run.model)
+    return forward(model, run.tokens, positions=run.positions)
+
+
+def weight_gradients(problem: Problem, *, chunk_size: int | None = None):
+    """``d loss / d theta`` of the clean model (a pytree like the model), summed exactly over prompts."""
+    params = eqx.filter(problem.model, eqx.is_inexact_array)
+    _, grads, _ = pullback(problem, weight_logits, n_points=1, weights=jnp.ones(1), shared=params, chunk_size=chunk_size)
+    return grads
+
+
+def node_weight_scores(problem: Problem, grads) -> dict[str, dict[str, float]]:
+    """Per node of the graph: ``grad_norm`` and ``saliency`` (``sum theta * grad``) of its parameters."""
+    model = problem.model
+    cfg = model.config
+    attn, g_attn = model.blocks.attn, grads.blocks.attn
+    norm2: dict[str, float] = {}
+    dot: dict[str, float] = {}
+
+    def add(node, theta, grad):
+        theta, grad = np.asarray(theta, np.float64), np.asarray(grad, np.float64)
+        norm2[node] = norm2.get(node, 0.0) + float((grad * grad).sum())
+        dot[node] = dot.get(node, 0.0) + float((theta * grad).sum())
+
+    add("embed", model.embed.W_E, grads.embed.W_E)
+    add("embed", model.embed.W_pos, grads.embed.W_pos)
+    for layer in range(cfg.n_layers):
+        for h in range(cfg.n_heads):
+            for name in ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O"):
+                add(f"a{layer}.{h}", getattr(attn, name)[layer, h], getattr(g_attn, name)[layer, h])
+        if cfg.has_mlp:
+            for name in ("W_in", "b_in", "W_out", "b_out"):
+                add(f"mlp{layer}", getattr(model.blocks.mlp, name)[layer], getattr(grads.blocks.mlp, name)[layer])
+    return {"grad_norm": {k: float(np.sqrt(v)) for k, v in norm2.items()}, "saliency": dot}
+
+
+def wrong_answer(
+    problem: Problem,
+    *,
+    loss: str = "mse",
+    weights: bool = False,
+    pairs: bool = False,
+    absolute: bool = False,
+    top_n: int | None = None,
+    threshold: float | None = None,
+    chunk_size: int | None = None,
+) -> Circuit:
+    """Wrong-answer gradient scores for every gate unit (see the module docstring).
+
+    ``loss`` picks the wrong-answer loss (``mse``, ``ce``, ``flip``, ``logit_diff``); the problem's
+    own metric is not used. ``weights=True`` adds per-node weight-gradient scores to
+    ``circuit.extra["weight_scores"]``. ``absolute``, ``top_n``, ``threshold``, ``chunk_size`` as in ``eap``.
+    """
+    if problem.inputs.answers is None or problem.inputs.wrong_answers is None:
+        raise ValueError(f"wrong-answer gradients need a task with answers and wrong_answers; {problem.task_name!r} has none")
+    paired = is_swapped_pairs(problem)
+    if pairs and not paired:
+        raise ValueError(
+            "pairs=True needs swapped prompt pairs: rows 2i and 2i+1 with answer and wrong answer exchanged "
+            "(build the task with pairs=True)"
+        )
+    started = time.perf_counter()
+    problem = problem.with_metric(wrong_answer_loss(loss))
+    dtype = problem.model.dtype
+    signed = -gate_gradients(problem, problem.graph.gates(1.0, dtype)[None], chunk_size=chunk_size)[0]
+    extra = {}
+    if weights:
+        # the problem's loss is -W, so the gradient of W is minus it
+        grads = weight_gradients(problem, chunk_size=chunk_size)
+        scores = node_weight_scores(problem, grads)
+        scores["saliency"] = {k: -v for k, v in scores["saliency"].items()}
+        extra["weight_scores"] = scores
+    return attribution_circuit(
+        problem,
+        "wrong-answer",
+        signed,
+        absolute=absolute,
+        top_n=top_n,
+        threshold=threshold,
+        started=started,
+        settings={"loss": loss, "weights": bool(weights), "paired": paired, "ablation": problem.ablation},
+        extra=extra,
+    )
