@@ -7,7 +7,6 @@ import difflib
 import functools
 from collections.abc import Callable
 
-import numpy as np
 
 from ..evaluate import precision_recall, roc_auc
 from ..graph import Level

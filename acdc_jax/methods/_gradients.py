@@ -1,18 +1,10 @@
-"""What the gradient methods share: a gated forward with probes, and exact chunked pullbacks.
+"""What the gradient methods share: the gated forward with probes, and exact chunked pullbacks.
 
-**The probed forward** is ``gated_forward`` (same semantics, pinned by a test) with four extras
-that the gate gradient alone cannot express:
-
-- ``ghost`` gates: an extra, zero-valued set of gates that read a *fixed* difference buffer
-  (``ghost_deltas``) instead of the running one, so ``d loss / d ghost[d, s]`` is
-  ``ghost_deltas[s] . d loss / d in_d`` (EAP-IG over inputs needs the clean differences dotted with
-  the gradient of a run that is not the clean one);
-- ``pattern_offset``: added to every attention pattern after the softmax (zero in value), so its
-  gradient is ``d loss / d pattern`` (AtP*'s QK fix);
-- ``embed_scale``: the ``embed`` source's difference is scaled, i.e. the run reads the embedding
-  ``x~ + a (x - x~)`` and recomputes everything downstream (EAP-IG over inputs);
-- ``drop_layer``: the outputs of that layer's heads and MLP are constants for the backward pass
-  (``stop_gradient``), which removes every gradient path through the layer (AtP*'s GradDrop).
+**Probes** (``models.Probes``, part of ``gated_forward``): the gate gradient alone cannot express
+everything the methods need, so the forward takes four zero-effect extras: ghost gates reading a
+fixed difference buffer (EAP-IG over inputs needs clean differences dotted with the gradient of a
+run that is not the clean one), an offset on every attention pattern (its gradient is
+d loss / d pattern, AtP*'s QK fix), a scaled embedding (EAP-IG over inputs) and GradDrop.
 
 **Pullbacks over prompts.** A method asks for the gradient of
 ``sum_p w_p * loss(logits at point p)`` over a few *points* (gate vectors, drop layers, ...) with
@@ -39,126 +31,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array
 
 from ..graph import Graph
-from ..models import Ablation, DenseGates, Transformer, TransformerConfig
-from ..models._transformer import _block_at, _embed, _layer_norm, _lead, _mlp, _unembed
+from ..models import Probes, gated_forward
 from ..patching import GatedRun, auto_chunk_size, bytes_per_configuration, chunked_vmap, device_memory_bytes
 from ._circuit import Circuit
 from ._problem import Problem
 
 # --------------------------------------------------------------------------------------------
-# The probed forward
+# The probed forward: gated_forward with Probes
 
 
-def project(block, x: Array, W: Array, b: Array, eps: float, precision) -> Array:
-    """``LN1(x) @ W[h] + b[h]`` for one shared input ``[b, p, d]`` or one input per head ``[h, b, p, d]``."""
-    x = _layer_norm(block.ln1, x, eps)
-    spec = "bpd,hde->bphe" if x.ndim == 3 else "hbpd,hde->bphe"
-    return jnp.einsum(spec, x, W, precision=precision) + b[None, None]
-
-
-def attention_pattern(cfg: TransformerConfig, layer, q: Array, k: Array, precision) -> Array:
-    """Softmax pattern ``[b, h, q, k]`` from queries and keys ``[b, p, h, e]`` (as the model computes it)."""
-    scale = cfg.attn_scale
-    if cfg.scale_attn_by_inverse_layer_idx:
-        scale = scale * (jnp.asarray(layer) + 1).astype(q.dtype)
-    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, precision=precision) / scale
-    if cfg.causal:
-        n = scores.shape[-1]
-        allowed = jnp.tril(jnp.ones((n, n), dtype=bool))[None, None]
-        scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
-    return jax.nn.softmax(scores, axis=-1)
-
-
-def _drop(x: Array, layer, drop_layer) -> Array:
-    if isinstance(drop_layer, int) and drop_layer < 0:
-        return x
-    return jnp.where(layer == drop_layer, lax.stop_gradient(x), x)
-
-
-def probed_forward(
-    model: Transformer,
-    gates: DenseGates,
-    ablation: Ablation,
-    tokens: Int[Array, "batch pos"],
-    positions: Int[Array, "batch k"] | None = None,
-    *,
-    ghost: DenseGates | None = None,
-    ghost_deltas: Float[Array, "n_sources batch pos d_model"] | None = None,
-    pattern_offset: Float[Array, "n_layers batch n_heads pos pos"] | None = None,
-    embed_scale: Float[Array, ""] | float = 1.0,
-    drop_layer: Int[Array, ""] | int = -1,
-) -> Float[Array, "batch k d_vocab_out"]:
-    """``gated_forward`` with ghost gates, attention-pattern offsets, a scaled embedding and GradDrop.
-
-    With no extras it computes exactly what ``gated_forward`` does (global gates only, no position
-    axis). See the module docstring for what each extra is for.
-    """
-    cfg = model.config
-    precision = model.precision
-    H, M = cfg.n_heads, int(cfg.has_mlp)
-    eps = cfg.ln_eps
-    embed_out = _embed(model, tokens, None)
-    batch, n_pos = tokens.shape
-    deltas = jnp.zeros((cfg.n_sources, batch, n_pos, cfg.d_model), embed_out.dtype)
-    deltas = deltas.at[0].set(embed_scale * (embed_out - ablation.values[0]))
-
-    def read(dense_layer, buffer, spec):
-        return jnp.einsum(spec, dense_layer, buffer, precision=precision)
-
-    def layer_step(layer, deltas):
-        block = _block_at(model, layer)
-        first = 1 + layer * (H + M)
-        inputs = _lead(ablation.base_attn[layer], 4) + read(gates.attn[layer], deltas, "ds,sbpm->dbpm")
-        if ghost is not None:
-            inputs = inputs + read(ghost.attn[layer], ghost_deltas, "ds,sbpm->dbpm")
-        if inputs.shape[0] == 3 * H:
-            qkv = inputs.reshape((H, 3) + inputs.shape[1:])
-            q_in, k_in, v_in = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        else:
-            q_in = k_in = v_in = inputs
-        attn = block.attn
-        q = project(block, q_in, attn.W_Q, attn.b_Q, eps, precision)
-        k = project(block, k_in, attn.W_K, attn.b_K, eps, precision)
-        v = project(block, v_in, attn.W_V, attn.b_V, eps, precision)
-        pattern = attention_pattern(cfg, layer, q, k, precision)
-        if pattern_offset is not None:
-            pattern = pattern + pattern_offset[layer]
-        z = jnp.einsum("bhqk,bkhe->bqhe", pattern, v, precision=precision)
-        results = _drop(jnp.einsum("bqhe,hed->hbqd", z, attn.W_O, precision=precision), layer, drop_layer)
-        ablated = lax.dynamic_slice_in_dim(ablation.values, first, H, axis=0)
-        deltas = lax.dynamic_update_slice_in_dim(deltas, results - ablated, first, axis=0)
-        if M:
-            mlp_in = ablation.base_mlp[layer] + read(gates.mlp[layer], deltas, "s,sbpm->bpm")
-            if ghost is not None:
-                mlp_in = mlp_in + read(ghost.mlp[layer], ghost_deltas, "s,sbpm->bpm")
-            out = _drop(_mlp(cfg, block, mlp_in, precision), layer, drop_layer)
-            ablated = lax.dynamic_index_in_dim(ablation.values, first + H, axis=0, keepdims=False)
-            deltas = lax.dynamic_update_index_in_dim(deltas, out - ablated, first + H, axis=0)
-        return deltas
-
-    deltas = lax.fori_loop(0, cfg.n_layers, layer_step, deltas)
-    final_in = ablation.base_logits + read(gates.logits, deltas, "s,sbpm->bpm")
-    if ghost is not None:
-        final_in = final_in + read(ghost.logits, ghost_deltas, "s,sbpm->bpm")
-    return _unembed(model, final_in, positions)
-
-
-def run_probed(run: GatedRun, gates: Array, **extras) -> Array:
-    """``probed_forward`` on a gated run, with gate vectors (not dense layouts) for gates and ghost."""
+def run_probed(run: GatedRun, gates: Array, *, ghost: Array | None = None, **extras) -> Array:
+    """``gated_forward`` on a gated run with probes (``models.Probes``); gates and ghost gates are
+    gate vectors (not dense layouts)."""
     graph = run.graph
-    ghost = extras.pop("ghost", None)
-    return probed_forward(
-        run.model,
-        graph.dense(gates),
-        run.ablation,
-        run.tokens,
-        run.positions,
-        ghost=None if ghost is None else graph.dense(ghost),
-        **extras,
-    )
+    probes = Probes(ghost=None if ghost is None else graph.dense(ghost), **extras)
+    return gated_forward(run.model, graph.dense(gates), run.ablation, run.tokens, positions=run.positions, probes=probes)
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,17 +47,16 @@ import numpy as np
 from jax import lax
 
 from ..models import Ablation
+from ..models import attention_pattern, project_heads
 from ..models._transformer import _block_at
 from ..patching import source_values
 from ._circuit import Circuit
 from ._gradients import (
     MINIMUM_AT_CLEAN,
-    attention_pattern,
     attribution_circuit,
     computation,
     drop_layer_logits,
     grad_chunk_size,
-    project,
     pullback,
     qk_edge_table,
 )
@@ -84,7 +83,7 @@ def atp_estimates(
     n_points = len(drops)
     pattern = None
     if qk_fix:
-        pattern = jnp.zeros((n_points * n_rows, cfg.n_layers, 1, cfg.n_heads, n_pos, n_pos), dtype)
+        pattern = jnp.zeros((n_points * n_rows, cfg.n_layers, cfg.n_heads, 1, n_pos, n_pos), dtype)
     _, grad_gates, grad_pattern = pullback(
         problem,
         drop_layer_logits,
@@ -97,7 +96,7 @@ def atp_estimates(
     )
     estimates = -np.asarray(grad_gates, np.float64)
     if qk_fix:
-        d_pattern = grad_pattern.reshape((n_points, n_rows) + grad_pattern.shape[1:])[:, :, :, 0]
+        d_pattern = grad_pattern.reshape((n_points, n_rows) + grad_pattern.shape[1:])[:, :, :, :, 0]
         if chunk_size is None:
             chunk_size = grad_chunk_size(problem, n_rows)
         exact = np.asarray(_jit_qk_fix(computation(problem), d_pattern, int(chunk_size)), np.float64)  # [P, L, H, 2, S+1]
@@ -178,7 +177,6 @@ def _jit_qk_fix(problem: Problem, d_pattern, chunk: int):
     model, run = problem.model, problem.run
     cfg = model.config
     precision = model.precision
-    eps = cfg.ln_eps
     clean = source_values(model, run.tokens)
     deltas = clean - run.ablation.values  # [S, n, pos, d]
     resid = Ablation.from_values(model, clean).base_attn  # the clean input of every layer's heads
@@ -191,16 +189,16 @@ def _jit_qk_fix(problem: Problem, d_pattern, chunk: int):
             attn = block.attn
             x = resid[layer, row]
             inputs = jnp.concatenate([x[None] - deltas[:, row], ablated[layer, row][None]], axis=0)
-            q = project(block, x[None], attn.W_Q, attn.b_Q, eps, precision)
-            k = project(block, x[None], attn.W_K, attn.b_K, eps, precision)
-            pattern = attention_pattern(cfg, layer, q, k, precision)
-            q_new = project(block, inputs, attn.W_Q, attn.b_Q, eps, precision)
-            k_new = project(block, inputs, attn.W_K, attn.b_K, eps, precision)
+            q = project_heads(cfg, block, x[None], attn.W_Q, attn.b_Q, precision)  # [H, 1, pos, E]
+            k = project_heads(cfg, block, x[None], attn.W_K, attn.b_K, precision)
+            pattern = attention_pattern(cfg, layer, q, k, precision)  # [H, 1, q, k]
+            q_new = project_heads(cfg, block, inputs, attn.W_Q, attn.b_Q, precision)  # [H, S+1, pos, E]
+            k_new = project_heads(cfg, block, inputs, attn.W_K, attn.b_K, precision)
             with_q = attention_pattern(cfg, layer, q_new, jnp.broadcast_to(k, k_new.shape), precision)
             with_k = attention_pattern(cfg, layer, jnp.broadcast_to(q, q_new.shape), k_new, precision)
             grad = d_pattern[:, row, layer]  # [P, H, q, k]
-            by_q = jnp.einsum("shqk,phqk->phs", with_q - pattern, grad, precision=precision)
-            by_k = jnp.einsum("shqk,phqk->phs", with_k - pattern, grad, precision=precision)
+            by_q = jnp.einsum("hsqk,phqk->phs", with_q - pattern, grad, precision=precision)
+            by_k = jnp.einsum("hsqk,phqk->phs", with_k - pattern, grad, precision=precision)
             return jnp.stack([by_q, by_k], axis=2)  # [P, H, 2, S+1]
 
         return lax.map(per_layer, jnp.arange(cfg.n_layers))  # [L, P, H, 2, S+1]

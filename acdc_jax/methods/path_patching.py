@@ -35,11 +35,9 @@ import dataclasses
 import time
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..graph import Graph
 from ..models import Ablation, gated_forward
 from ..patching import auto_chunk_size, chunked_vmap, source_values
 from ._circuit import Circuit

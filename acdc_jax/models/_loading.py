@@ -13,7 +13,6 @@ import os
 import re
 from pathlib import Path
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -200,6 +200,31 @@ def _embed(model: Transformer, tokens: Array, pos_ids: Array | None) -> Float[Ar
     return model.embed.W_E[tokens] + pos
 
 
+def project_heads(cfg: TransformerConfig, block: Block, x: Array, W: Array, b: Array, precision) -> Array:
+    """``LN1(x) @ W[h] + b[h]`` for every head, head-major ``[n_heads, batch, pos, d_head]``.
+
+    ``x`` is one residual stream ``[batch, pos, d_model]`` shared by all heads or one input per head
+    ``[n_heads, batch, pos, d_model]`` (the gated forward). Head-major output avoids a transpose that
+    costs as much as the projection itself when the heads have separate inputs.
+    """
+    x = _layer_norm(block.ln1, x, cfg.ln_eps)
+    spec = "bpd,hde->hbpe" if x.ndim == 3 else "hbpd,hde->hbpe"
+    return jnp.einsum(spec, x, W, precision=precision) + b[:, None, None, :]
+
+
+def attention_pattern(cfg: TransformerConfig, layer, q: Array, k: Array, precision) -> Array:
+    """Attention probabilities ``[n_heads, batch, q_pos, k_pos]`` from head-major queries and keys."""
+    scale = cfg.attn_scale
+    if cfg.scale_attn_by_inverse_layer_idx:
+        scale = scale * (jnp.asarray(layer) + 1).astype(q.dtype)
+    scores = jnp.einsum("hbqe,hbke->hbqk", q, k, precision=precision) / scale
+    if cfg.causal:
+        n = scores.shape[-1]
+        allowed = jnp.tril(jnp.ones((n, n), dtype=bool))[None, None]
+        scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
+    return jax.nn.softmax(_at_least_f32(scores), axis=-1).astype(q.dtype)
+
+
 def _attention(
     cfg: TransformerConfig,
     block: Block,
@@ -208,33 +233,22 @@ def _attention(
     k_in: Array,
     v_in: Array,
     precision,
-) -> Float[Array, "batch pos n_heads d_head"]:
-    """One layer's attention up to the mixed values ``z``.
+    pattern_offset: Array | None = None,
+) -> Float[Array, "n_heads batch pos d_head"]:
+    """One layer's attention up to the mixed values ``z`` (head-major).
 
-    Inputs are either one residual stream ``[batch, pos, d_model]`` shared by all heads or one
-    input per head ``[n_heads, batch, pos, d_model]`` (the gated forward).
+    Inputs are one residual stream ``[batch, pos, d_model]`` shared by all heads or one input per
+    head ``[n_heads, batch, pos, d_model]``. ``pattern_offset`` is added to the probabilities (a
+    probe whose gradient is d loss / d pattern; zero in value).
     """
-    eps = cfg.ln_eps
     attn = block.attn
-
-    def project(x, W, b):
-        x = _layer_norm(block.ln1, x, eps)
-        spec = "bpd,hde->bphe" if x.ndim == 3 else "hbpd,hde->bphe"
-        return jnp.einsum(spec, x, W, precision=precision) + b[None, None]
-
-    q = project(q_in, attn.W_Q, attn.b_Q)
-    k = project(k_in, attn.W_K, attn.b_K)
-    v = project(v_in, attn.W_V, attn.b_V)
-    scale = cfg.attn_scale
-    if cfg.scale_attn_by_inverse_layer_idx:
-        scale = scale * (layer + 1).astype(q.dtype)
-    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, precision=precision) / scale
-    if cfg.causal:
-        n = scores.shape[-1]
-        allowed = jnp.tril(jnp.ones((n, n), dtype=bool))[None, None]
-        scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
-    pattern = jax.nn.softmax(_at_least_f32(scores), axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhe->bqhe", pattern, v, precision=precision)
+    q = project_heads(cfg, block, q_in, attn.W_Q, attn.b_Q, precision)
+    k = project_heads(cfg, block, k_in, attn.W_K, attn.b_K, precision)
+    v = project_heads(cfg, block, v_in, attn.W_V, attn.b_V, precision)
+    pattern = attention_pattern(cfg, layer, q, k, precision)
+    if pattern_offset is not None:
+        pattern = pattern + pattern_offset
+    return jnp.einsum("hbqk,hbke->hbqe", pattern, v, precision=precision)
 
 
 def _mlp(cfg: TransformerConfig, block: Block, x: Array, precision) -> Float[Array, "batch pos d_model"]:
@@ -301,10 +315,10 @@ def _residual_forward(model, tokens, positions, pos_ids, collect: bool):
         block, layer = inputs
         z = _attention(cfg, block, layer, x, x, x, precision)
         if collect:
-            results = jnp.einsum("bqhe,hed->hbqd", z, block.attn.W_O, precision=precision)
+            results = jnp.einsum("hbqe,hed->hbqd", z, block.attn.W_O, precision=precision)
             x = x + (results.sum(0) + _lead(block.attn.b_O, 3))
         else:
-            x = x + jnp.einsum("bqhe,hed->bqd", z, block.attn.W_O, precision=precision) + _lead(block.attn.b_O, 3)
+            x = x + jnp.einsum("hbqe,hed->bqd", z, block.attn.W_O, precision=precision) + _lead(block.attn.b_O, 3)
         outs = [results] if collect else []
         if cfg.has_mlp:
             m = _mlp(cfg, block, x, precision)
@@ -394,6 +408,27 @@ def layer_segments(n_layers: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
+class Probes(NamedTuple):
+    """Extras of the gated forward that gradient methods differentiate through (zero effect in value
+    unless set): ``ghost`` gates reading a fixed difference buffer ``ghost_deltas`` (their gradient is
+    ``ghost_deltas[s] . d loss / d in_d``), ``pattern_offset`` ``[n_layers, n_heads, batch, pos, pos]``
+    added to every attention pattern (its gradient is d loss / d pattern), ``embed_scale`` scaling
+    the embedding's difference (the run reads ``x~ + a (x - x~)`` for ``embed``), and ``drop_layer``,
+    whose heads' and MLP's outputs are constants for the backward pass (GradDrop; -1: none)."""
+
+    ghost: DenseGates | None = None
+    ghost_deltas: Array | None = None
+    pattern_offset: Array | None = None
+    embed_scale: Array | float = 1.0
+    drop_layer: Array | int = -1
+
+
+def _dropped(x: Array, layer, drop_layer) -> Array:
+    if isinstance(drop_layer, int) and drop_layer < 0:
+        return x
+    return jnp.where(layer == drop_layer, lax.stop_gradient(x), x)
+
+
 def gated_forward(
     model: Transformer,
     gates: DenseGates,
@@ -405,6 +440,7 @@ def gated_forward(
     start_layer: int | Array = 0,
     deltas: Float[Array, "n_sources batch pos d_model"] | None = None,
     return_deltas: bool = False,
+    probes: Probes | None = None,
 ):
     """The forward pass in which every destination input is a gate-weighted interpolation.
 
@@ -437,33 +473,45 @@ def gated_forward(
         embed_out = _embed(model, tokens, pos_ids)
         batch, n_pos = tokens.shape
         deltas = jnp.zeros((cfg.n_sources, batch, n_pos, cfg.d_model), embed_out.dtype)
-        deltas = deltas.at[0].set(embed_out - ablation.values[0])
+        embed_delta = embed_out - ablation.values[0]
+        if probes is not None:
+            embed_delta = probes.embed_scale * embed_delta
+        deltas = deltas.at[0].set(embed_delta)
     n_pos = deltas.shape[2]
     gates = jax.tree.map(lambda g: g.astype(deltas.dtype), gates)  # gates follow the activation dtype
     if per_position and gates.logits.shape[0] != n_pos:
         raise InputError(f"per-position gates have {gates.logits.shape[0]} positions, the batch has {n_pos}")
     read = "pds,sbpm->dbpm" if per_position else "ds,sbpm->dbpm"
     read_one = "ps,sbpm->bpm" if per_position else "s,sbpm->bpm"
+    probes = probes or Probes()
+    ghost = None if probes.ghost is None else jax.tree.map(lambda g: g.astype(deltas.dtype), probes.ghost)
+
+    def gated_read(spec, layer_gates, ghost_gates, buffer, visible):
+        out = jnp.einsum(spec, layer_gates[..., :visible], buffer[:visible], precision=precision)
+        if ghost_gates is not None:
+            out = out + jnp.einsum(spec, ghost_gates[..., :visible], probes.ghost_deltas[:visible], precision=precision)
+        return out
 
     def layer_step(layer, deltas, visible: int):
         # Layers of this segment read only the first `visible` sources: the rest are not computed yet.
         block = _block_at(model, layer)
         first = 1 + layer * (H + M)
-        seen = deltas[:visible]
-        inputs = _lead(ablation.base_attn[layer], 4) + jnp.einsum(read, gates.attn[layer][..., :visible], seen, precision=precision)
+        inputs = _lead(ablation.base_attn[layer], 4) + gated_read(
+            read, gates.attn[layer], None if ghost is None else ghost.attn[layer], deltas, visible)
         if inputs.shape[0] == 3 * H:
             qkv = inputs.reshape((H, 3) + inputs.shape[1:])
             q_in, k_in, v_in = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         else:
             q_in = k_in = v_in = inputs
-        z = _attention(cfg, block, layer, q_in, k_in, v_in, precision)
-        results = jnp.einsum("bqhe,hed->hbqd", z, block.attn.W_O, precision=precision)
+        offset = None if probes.pattern_offset is None else probes.pattern_offset[layer]
+        z = _attention(cfg, block, layer, q_in, k_in, v_in, precision, offset)
+        results = _dropped(jnp.einsum("hbqe,hed->hbqd", z, block.attn.W_O, precision=precision), layer, probes.drop_layer)
         ablated = lax.dynamic_slice_in_dim(ablation.values, first, H, axis=0)
         deltas = lax.dynamic_update_slice_in_dim(deltas, results - ablated, first, axis=0)
         if M:
-            seen = deltas[:visible]
-            mlp_in = ablation.base_mlp[layer] + jnp.einsum(read_one, gates.mlp[layer][..., :visible], seen, precision=precision)
-            out = _mlp(cfg, block, mlp_in, precision)
+            mlp_in = ablation.base_mlp[layer] + gated_read(
+                read_one, gates.mlp[layer], None if ghost is None else ghost.mlp[layer], deltas, visible)
+            out = _dropped(_mlp(cfg, block, mlp_in, precision), layer, probes.drop_layer)
             ablated = lax.dynamic_index_in_dim(ablation.values, first + H, axis=0, keepdims=False)
             deltas = lax.dynamic_update_index_in_dim(deltas, out - ablated, first + H, axis=0)
         return deltas
@@ -472,6 +520,7 @@ def gated_forward(
         visible = min(cfg.n_sources, 1 + hi * (H + M))
         lower = max(start_layer, lo) if isinstance(start_layer, int) else jnp.clip(start_layer, lo, hi)
         deltas = lax.fori_loop(lower, hi, functools.partial(layer_step, visible=visible), deltas)
-    final_in = ablation.base_logits + jnp.einsum(read_one, gates.logits, deltas, precision=precision)
+    final_in = ablation.base_logits + gated_read(
+        read_one, gates.logits, None if ghost is None else ghost.logits, deltas, cfg.n_sources)
     logits = _unembed(model, final_in, positions)
     return (logits, deltas) if return_deltas else logits
