@@ -318,6 +318,54 @@ def export_command(
     console.print(f"wrote {path} ({fmt}: {loaded.n_kept} of {loaded.graph.n_gates} {unit} kept)")
 
 
+@app.command(epilog="""
+Examples:
+
+  acdc-jax experiment tracr-reverse --small
+
+  acdc-jax experiment ioi --model ~/models/gpt2 --out results
+
+  acdc-jax experiment ioi --random-weights --small    (a labelled dry run of the pipeline)
+""")
+def experiment(
+    task: Annotated[str, typer.Argument(help="Task to run every discovery method on.")],
+    model: Annotated[Optional[str], typer.Option(help="Model name or local directory (default: the task's).")] = None,
+    random_weights: Annotated[bool, typer.Option("--random-weights", help="GPT-2 tasks: a labelled dry run on random weights.")] = False,
+    small: Annotated[bool, typer.Option("--small", help="Small settings: few prompts, short sweeps.")] = False,
+    methods: Annotated[Optional[list[str]], typer.Option("--method", help="Run only these methods (repeatable).")] = None,
+    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("results"),
+) -> None:
+    """Run every discovery method on one task: AUCs, circuit sizes, KL, CPR/CMD, seconds, plots."""
+    from experiments._runner import markdown_table, run_experiment
+
+    rows = run_experiment(task, model=model, random_weights=random_weights, small=small, methods=methods, out=out,
+                          echo=console.print)
+    console.print(markdown_table(rows, task))
+
+
+@app.command(epilog="""
+Examples:
+
+  acdc-jax compare --small
+
+  acdc-jax compare --task ioi --task greater-than --task docstring --model ~/models/gpt2
+""")
+def compare(
+    tasks: Annotated[Optional[list[str]], typer.Option("--task", help="Tasks (repeatable; default: the shipped ones).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="A local GPT-2 directory for the GPT-2 tasks.")] = None,
+    random_weights: Annotated[bool, typer.Option("--random-weights", help="GPT-2 tasks: a labelled dry run on random weights.")] = False,
+    small: Annotated[bool, typer.Option("--small", help="Small settings: few prompts, short sweeps.")] = False,
+    methods: Annotated[Optional[list[str]], typer.Option("--method", help="Run only these methods (repeatable).")] = None,
+    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("results"),
+) -> None:
+    """The ACDC paper's comparison table (task x method), written to OUT/compare.md."""
+    from experiments.compare import SHIPPED_TASKS
+    from experiments.compare import compare as run_compare
+
+    run_compare(tasks or list(SHIPPED_TASKS), model=model, random_weights=random_weights, small=small, methods=methods,
+                out=out, echo=console.print)
+
+
 def main() -> None:
     app()
 
