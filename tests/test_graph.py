@@ -3,6 +3,8 @@
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import acdc_jax as aj
 from acdc_jax.models import TransformerConfig
@@ -99,3 +101,32 @@ def test_gates_from_names():
     g = aj.Graph.from_model(GPT2, qkv_split=False)
     gates = np.asarray(g.gates_from_names(["embed->logits", "a3.4->mlp7"]))
     assert gates.sum() == 2 and gates[g.index("a3.4->mlp7")] == 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n_layers=st.integers(1, 4),
+    n_heads=st.integers(1, 4),
+    has_mlp=st.booleans(),
+    qkv_split=st.booleans(),
+    internal=st.booleans(),
+)
+def test_graph_properties_for_any_shape(n_layers, n_heads, has_mlp, qkv_split, internal):
+    """Edge count formula, name round trip, and each gate landing exactly where its edge reads."""
+    internal = internal and qkv_split
+    g = aj.Graph(n_layers, n_heads, has_mlp, qkv_split, internal_edges=internal)
+    per_head = 3 if qkv_split else 1
+    M = int(has_mlp)
+    expected = sum(per_head * n_heads * (1 + l * (n_heads + M)) + M * (1 + l * (n_heads + M) + n_heads) for l in range(n_layers))
+    expected += 1 + n_layers * (n_heads + M) + (3 * n_heads * n_layers if internal else 0)
+    assert g.n_edges == expected
+    assert len(set(g.edges)) == g.n_edges and all(g.index(e) == i for i, e in enumerate(g.edges))
+    gates = np.random.RandomState(0).uniform(0.5, 1.0, g.n_gates).astype(np.float32)
+    dense = g.dense(gates)
+    total = float(dense.attn.sum() + dense.logits.sum() + (dense.mlp.sum() if has_mlp else 0.0))
+    residual = [i for i, e in enumerate(g.edges) if e not in g.internal_edge_names]
+    if not internal:
+        np.testing.assert_allclose(total, gates[residual].sum(), rtol=1e-5)
+    node = aj.Graph(n_layers, n_heads, has_mlp, qkv_split, level="node")
+    node_dense = node.dense(np.ones(node.n_gates, np.float32))
+    assert float(node_dense.logits.sum()) == node.n_sources
