@@ -188,6 +188,38 @@ def _embed(model: Transformer, tokens: Array, pos_ids: Array | None) -> Float[Ar
     return model.embed.W_E[tokens] + pos
 
 
+def _project(
+    cfg: TransformerConfig, block: Block, x: Array, W: Array, b: Array, precision
+) -> Float[Array, "batch pos n_heads d_head"]:
+    """One of q, k, v for every head, from a shared ``[batch, pos, d_model]`` or per-head input."""
+    x = _layer_norm(block.ln1, x, cfg.ln_eps)
+    spec = "bpd,hde->bphe" if x.ndim == 3 else "hbpd,hde->bphe"
+    return jnp.einsum(spec, x, W, precision=precision) + b[None, None]
+
+
+def _attention_pattern(
+    cfg: TransformerConfig,
+    block: Block,
+    layer: Array,
+    q_in: Array,
+    k_in: Array,
+    precision,
+) -> Float[Array, "batch n_heads q_pos k_pos"]:
+    """One layer's attention probabilities (softmax over keys, causal mask applied); inputs as in ``_attention``."""
+    attn = block.attn
+    q = _project(cfg, block, q_in, attn.W_Q, attn.b_Q, precision)
+    k = _project(cfg, block, k_in, attn.W_K, attn.b_K, precision)
+    scale = cfg.attn_scale
+    if cfg.scale_attn_by_inverse_layer_idx:
+        scale = scale * (layer + 1).astype(q.dtype)
+    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, precision=precision) / scale
+    if cfg.causal:
+        n = scores.shape[-1]
+        allowed = jnp.tril(jnp.ones((n, n), dtype=bool))[None, None]
+        scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
 def _attention(
     cfg: TransformerConfig,
     block: Block,
@@ -202,26 +234,8 @@ def _attention(
     Inputs are either one residual stream ``[batch, pos, d_model]`` shared by all heads or one
     input per head ``[n_heads, batch, pos, d_model]`` (the gated forward).
     """
-    eps = cfg.ln_eps
-    attn = block.attn
-
-    def project(x, W, b):
-        x = _layer_norm(block.ln1, x, eps)
-        spec = "bpd,hde->bphe" if x.ndim == 3 else "hbpd,hde->bphe"
-        return jnp.einsum(spec, x, W, precision=precision) + b[None, None]
-
-    q = project(q_in, attn.W_Q, attn.b_Q)
-    k = project(k_in, attn.W_K, attn.b_K)
-    v = project(v_in, attn.W_V, attn.b_V)
-    scale = cfg.attn_scale
-    if cfg.scale_attn_by_inverse_layer_idx:
-        scale = scale * (layer + 1).astype(q.dtype)
-    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, precision=precision) / scale
-    if cfg.causal:
-        n = scores.shape[-1]
-        allowed = jnp.tril(jnp.ones((n, n), dtype=bool))[None, None]
-        scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
-    pattern = jax.nn.softmax(scores, axis=-1)
+    pattern = _attention_pattern(cfg, block, layer, q_in, k_in, precision)
+    v = _project(cfg, block, v_in, block.attn.W_V, block.attn.b_V, precision)
     return jnp.einsum("bhqk,bkhe->bqhe", pattern, v, precision=precision)
 
 
@@ -277,6 +291,34 @@ def run_with_sources(
     """The plain forward pass, also returning every source's output (heads without ``b_O``)."""
     logits, values = _residual_forward(model, tokens, positions, pos_ids, collect=True)
     return Sources(values=values, logits=logits)
+
+
+def attention_patterns(
+    model: Transformer,
+    tokens: Int[Array | np.ndarray, "batch pos"],
+    *,
+    pos_ids: Int[Array | np.ndarray, "*batch pos"] | None = None,
+) -> Float[Array, "n_layers batch n_heads q_pos k_pos"]:
+    """Every head's attention probabilities on a plain forward pass: ``[layer, batch, head, query, key]``.
+
+    Row ``[l, b, h, i]`` is the softmax over keys of head ``a{l}.{h}`` at query position i (zero
+    on future keys in a causal model). Each layer's input is rebuilt from ``run_with_sources``
+    (embed + every earlier source + earlier ``b_O``, as ``Ablation.from_values`` sums it), so it
+    equals the forward's residual stream up to float summation order.
+    """
+    check_tokens(model.config, tokens)
+    tokens = jnp.asarray(tokens)
+    pos_ids = None if pos_ids is None else jnp.asarray(pos_ids)
+    cfg = model.config
+    # Reading one position is enough: only the sources matter here, not the logits.
+    first = jnp.zeros((tokens.shape[0], 1), jnp.int32)
+    values = run_with_sources(model, tokens, positions=first, pos_ids=pos_ids).values
+    layer_inputs = Ablation.from_values(model, values).base_attn
+
+    def one_layer(block, layer, x):
+        return _attention_pattern(cfg, block, layer, x, x, model.precision)
+
+    return jax.vmap(one_layer)(model.blocks, jnp.arange(cfg.n_layers), layer_inputs)
 
 
 def _residual_forward(model, tokens, positions, pos_ids, collect: bool):
