@@ -6,11 +6,13 @@ import difflib
 from collections.abc import Callable
 
 from ._task import ABLATIONS, CanonicalCircuit, Task, TaskError
+from .induction import induction_task
 from .tracr import tracr_reverse, tracr_task, tracr_xproportion
 
 TaskBuilder = Callable[..., Task]
 
 _REGISTRY: dict[str, TaskBuilder] = {
+    "induction": induction_task,
     "tracr-reverse": tracr_reverse,
     "tracr-xproportion": tracr_xproportion,
 }
@@ -42,6 +44,7 @@ __all__ = [
     "Task",
     "TaskError",
     "get_task",
+    "induction_task",
     "register_task",
     "task_names",
     "tracr_reverse",
