@@ -305,6 +305,36 @@ def run_with_sources(
     return Sources(values=values, logits=logits)
 
 
+def attention_patterns(
+    model: Transformer,
+    tokens: Int[Array | np.ndarray, "batch pos"],
+    *,
+    pos_ids: Int[Array | np.ndarray, "*batch pos"] | None = None,
+) -> Float[Array, "n_layers batch n_heads q_pos k_pos"]:
+    """Every head's attention probabilities on a plain forward pass: ``[layer, batch, head, query, key]``.
+
+    Row ``[l, b, h, i]`` is the softmax over keys of head ``a{l}.{h}`` at query position i (zero
+    on future keys in a causal model). Each layer's input is rebuilt from ``run_with_sources``
+    (embed + every earlier source + earlier ``b_O``, as ``Ablation.from_values`` sums it), so it
+    equals the forward's residual stream up to float summation order.
+    """
+    check_tokens(model.config, tokens)
+    tokens = jnp.asarray(tokens)
+    pos_ids = None if pos_ids is None else jnp.asarray(pos_ids)
+    cfg = model.config
+    # Reading one position is enough: only the sources matter here, not the logits.
+    first = jnp.zeros((tokens.shape[0], 1), jnp.int32)
+    values = run_with_sources(model, tokens, positions=first, pos_ids=pos_ids).values
+    layer_inputs = Ablation.from_values(model, values).base_attn
+
+    def one_layer(block, layer, x):
+        q = project_heads(cfg, block, x, block.attn.W_Q, block.attn.b_Q, model.precision)
+        k = project_heads(cfg, block, x, block.attn.W_K, block.attn.b_K, model.precision)
+        return jnp.swapaxes(attention_pattern(cfg, layer, q, k, model.precision), 0, 1)  # [batch, head, q, k]
+
+    return jax.vmap(one_layer)(model.blocks, jnp.arange(cfg.n_layers), layer_inputs)
+
+
 def _residual_forward(model, tokens, positions, pos_ids, collect: bool):
     cfg = model.config
     precision = model.precision

@@ -14,12 +14,14 @@ from ._task import ABLATIONS, CanonicalCircuit, Task, TaskError
 from .custom import load_task_json, save_task_json, task_from_dict, task_to_dict
 from .docstring import docstring_task
 from .greaterthan import greater_than_task
+from .induction import induction_task
 from .ioi import ioi_task
 from .tracr import tracr_reverse, tracr_task, tracr_xproportion
 
 TaskBuilder = Callable[..., Task]
 
 _REGISTRY: dict[str, TaskBuilder] = {
+    "induction": induction_task,
     "tracr-reverse": tracr_reverse,
     "tracr-xproportion": tracr_xproportion,
     "ioi": ioi_task,
@@ -58,6 +60,7 @@ __all__ = [
     "docstring_task",
     "get_task",
     "greater_than_task",
+    "induction_task",
     "ioi_task",
     "load_task_json",
     "register_task",
