@@ -35,3 +35,17 @@ TINY_CONFIGS = {
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def tiny_model(request):
     return init_model(TINY_CONFIGS[request.param], jax.random.PRNGKey(0), std=0.3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop JAX's compiled executables after each test module.
+
+    Every XLA:CPU executable keeps a few memory mappings of JIT-compiled code, and the whole suite in one
+    process compiles enough distinct programs to reach Linux's default ``vm.max_map_count`` (65,530), at
+    which point LLVM's next allocation fails and the process dies with a segmentation fault inside
+    ``backend_compile_and_load``. No test depends on another module's compiled code, so clearing the caches
+    between modules costs only recompilation of the few shared programs.
+    """
+    yield
+    jax.clear_caches()
