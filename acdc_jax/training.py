@@ -35,6 +35,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -211,11 +212,13 @@ def train_induction(
     data: RepeatedTokens = DEFAULT_DATA,
     evaluate: bool = True,
     verbose: bool = False,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train the induction model; with ``out``, save it there (``save_model``) with ``training.json``.
 
     ``evaluate`` adds ``evaluate_induction`` on the task's prompts and on the training distribution
-    to the record (``eval``).
+    to the record (``eval``). ``progress``, if given, is called after every ``settings.log_every``
+    steps with ``{"step", "steps", "phase", "loss"}``.
     """
     if config.d_vocab != data.d_vocab or config.n_ctx < data.seq_len:
         raise ValueError(
@@ -247,6 +250,8 @@ def train_induction(
             (params, opt_state), losses = _train_chunk(params, opt_state, keys, **static_args)
             done += n
             logged.append({"step": done, "phase": phase, "loss": float(jnp.mean(losses))})
+            if progress is not None:
+                progress({**logged[-1], "steps": settings.steps})
             if verbose:
                 print(f"step {done:6d} ({phase:9s})  train loss {logged[-1]['loss']:.4f}  "
                       f"({time.perf_counter() - started:.1f} s)", flush=True)

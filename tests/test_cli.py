@@ -58,3 +58,27 @@ def test_info_prints_graph_sizes_without_weights():
     for size in ("32,491", "32,923", "11,611", "157"):
         assert size in result.output
     assert "path-patching" in result.output and "tracr-reverse" in result.output
+
+
+def test_train_induction_writes_a_loadable_checkpoint_with_its_record(tmp_path):
+    import acdc_jax as aj
+
+    out = tmp_path / "induction"
+    args = ["train-induction", "--out", str(out), "--seed", "2", "--induction-steps", "100", "--full-steps", "100",
+            "--batch-size", "8"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "repeated copy" in result.output and f"wrote {out}" in flat(result.output)
+    record = json.loads((out / "training.json").read_text())
+    assert record["seed"] == 2 and record["steps"] == 200 and [r["step"] for r in record["train_loss"]] == [100, 200]
+    model = aj.load_model(str(out))
+    assert model.config.n_layers == 2 and model.config.d_mlp is None
+    again = runner.invoke(app, args[:2] + [str(tmp_path / "again")] + args[3:])
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "again" / "training.json").read_text())["train_loss"] == record["train_loss"]
+
+
+def test_train_induction_rejects_bad_settings(tmp_path):
+    result = runner.invoke(app, ["train-induction", "--out", str(tmp_path / "x"), "--batch-size", "0"])
+    assert result.exit_code != 0
+    assert "batch_size must be positive" in flat(result.output)
