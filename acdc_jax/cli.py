@@ -51,6 +51,8 @@ Examples:
   acdc-jax discover --model ~/models/gpt2 --task ioi --method acdc --threshold 0.05 --checkpoint ioi.ckpt.json
 
   acdc-jax discover --task tracr-reverse --method path-patching --threshold 1e-3 --option grouped=true
+
+  acdc-jax discover --task induction --method acdc --threshold 0.05 --dtype bfloat16
 """)
 def discover(
     task: Annotated[str, typer.Option(help="Task name (see `acdc-jax info --tasks`) or a task JSON file.")],
@@ -65,6 +67,7 @@ def discover(
     out: Annotated[Optional[Path], typer.Option(help="Write the circuit as JSON here.")] = None,
     option: Annotated[Optional[list[str]], typer.Option(help="Extra method option key=value (repeatable).")] = None,
     task_option: Annotated[Optional[list[str]], typer.Option(help="Task builder option key=value (repeatable).")] = None,
+    dtype: Annotated[str, typer.Option(help="float32, or bfloat16 for bf16 weights and activations (LayerNorm, softmax and metrics stay float32).")] = "float32",
 ) -> None:
     """Find a circuit: run a discovery method on a model and task, print it, and score it against
     the task's canonical circuit when there is one."""
@@ -78,6 +81,12 @@ def discover(
         if model_name is None:
             _fail(f"task {the_task.name!r} names no model: pass --model NAME_OR_DIR")
         the_model = load_model(model_name)
+        if dtype not in ("float32", "bfloat16"):
+            _fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+        if dtype == "bfloat16":
+            import jax.numpy as jnp
+
+            the_model = the_model.astype(jnp.bfloat16)
         spec = methods.get_method(method)
     except (LoadError, TaskError, ValueError) as err:
         _fail(str(err))

@@ -21,6 +21,33 @@ LOG = HERE / "results.jsonl"
 TABLE = HERE / "results.md"
 
 
+class _CompileEvents:
+    """Counts JAX's trace and backend-compile events (``jax.monitoring``) since the last ``reset``."""
+
+    TRACE = "/jax/core/compile/jaxpr_trace_duration"
+    COMPILE = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.reset()
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def reset(self) -> None:
+        self.traces, self.compiles, self.compile_s = 0, 0, 0.0
+
+    def _on_event(self, event: str, seconds: float, **_) -> None:
+        if event == self.TRACE:
+            self.traces += 1
+        elif event == self.COMPILE:
+            self.compiles += 1
+            self.compile_s += seconds
+
+    def snapshot(self) -> dict:
+        return {"traces": self.traces, "compiles": self.compiles, "backend_compile_s": round(self.compile_s, 3)}
+
+
+compile_events = _CompileEvents()
+
+
 def block(x):
     return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
 

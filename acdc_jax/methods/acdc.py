@@ -127,7 +127,7 @@ def _candidate_losses(problem: Problem, start_layer, deltas, gates, unit_ids, n_
         rows = jnp.minimum(i * chunk + jnp.arange(chunk), size)
         return out.at[rows].set(losses_of(rows))
 
-    out = jnp.full((size + 1,), jnp.nan, deltas.dtype)
+    out = jnp.full((size + 1,), jnp.nan, jnp.result_type(deltas.dtype, jnp.float32))  # metrics are >= float32
     n_chunks = (n_rows + chunk - 1) // chunk
     out = jax.lax.fori_loop(0, n_chunks, body, out)
     return jnp.where(jnp.arange(size + 1) < n_rows, out, jnp.nan)

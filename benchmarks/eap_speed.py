@@ -1,0 +1,80 @@
+"""Seconds for EAP's score of every edge of GPT-2 small (random weights, IOI-shaped batch).
+
+    python -m benchmarks.eap_speed [--prompts 20] [--pos 16] [--size gpt2] [--per-head]
+
+EAP is one forward and one backward pass of the gated model at all gates 1: the gradient of the
+task metric (here IOI's: the logit difference of an answer and a wrong-answer token at the last
+position; KL to the clean output would have gradient zero at the clean point) with respect to all 32,491
+gates of the q/k/v-split graph. The first call is reported apart (tracing and compilation); the
+steady state is the median of later calls with the same shapes, which reuse the compiled program
+(the trace and compile counts show that they do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+import acdc_jax as aj
+from acdc_jax.methods import Problem, eap
+from acdc_jax.models import TransformerConfig
+from acdc_jax.tasks import Task
+
+from ._harness import compile_events, peak_memory_bytes, record
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="gpt2")
+    parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--pos", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--per-head", action="store_true", help="one input per head (11,611 edges)")
+    args = parser.parse_args(argv)
+
+    cfg = TransformerConfig.gpt2(args.size)
+    model = aj.init_model(cfg, jax.random.PRNGKey(0))
+    rng = np.random.RandomState(0)
+    clean = rng.randint(0, cfg.d_vocab, (args.prompts, args.pos))
+    task = Task(name="ioi-shaped-random", clean=clean, corrupt=rng.randint(0, cfg.d_vocab, clean.shape),
+                positions=np.full((args.prompts, 1), args.pos - 1), metric="logit_diff",
+                answers=rng.randint(0, cfg.d_vocab, (args.prompts, 1)),
+                wrong_answers=rng.randint(0, cfg.d_vocab, (args.prompts, 1)))
+    problem = Problem.build(model, task, qkv_split=not args.per_head)
+
+    compile_events.reset()
+    start = time.perf_counter()
+    first = eap(problem)
+    first_s = time.perf_counter() - start
+    cold = compile_events.snapshot()
+    compile_events.reset()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        again = eap(problem)
+        times.append(time.perf_counter() - start)
+    assert np.array_equal(first.scores, again.scores) and np.all(np.isfinite(first.scores))
+    steady = compile_events.snapshot()
+    results = {
+        "n_edges": problem.graph.n_gates,
+        "eap_s": float(np.median(times)),
+        "first_call_s": first_s,
+        "first_call_traces": cold["traces"],
+        "first_call_compiles": cold["compiles"],
+        "backend_compile_s": cold["backend_compile_s"],
+        "steady_traces": steady["traces"],
+        "steady_compiles": steady["compiles"],
+        "peak_rss_bytes": peak_memory_bytes(),
+    }
+    settings = {"model": args.size, "prompts": args.prompts, "pos": args.pos,
+                "graph": "per-head" if args.per_head else "q/k/v-split", "metric": "logit_diff"}
+    entry = record("eap_speed", settings, results)
+    for k, v in entry["results"].items():
+        print(f"{k:>22}: {v}")
+
+
+if __name__ == "__main__":
+    main()
