@@ -2,9 +2,11 @@
 
     python -m benchmarks.forward_throughput [--batch 8] [--pos 16] [--size gpt2]
 
-The gated forward runs with every gate at 1 on a q/k/v-split graph (32,491 gates) and a corrupted
+The gated forward runs with every gate at 1 on a q/k/v-split graph (32,491 gates; ``--no-qkv-split``
+for one input per head, ``--level node`` for node gates) and a corrupted
 ablation cache, which is what every patching method evaluates; the ratio gated/ungated is the
-price of having a gate on every edge.
+price of having a gate on every edge. The arithmetic of each (counted analytically) gives the
+floor of that ratio and the FLOP rate each reaches.
 """
 
 from __future__ import annotations
@@ -21,6 +23,25 @@ from acdc_jax.models import TransformerConfig, forward
 from ._harness import record, timed
 
 
+def analytic_mflop_per_token(cfg: TransformerConfig, graph: aj.Graph, pos: int) -> tuple[float, float]:
+    """Multiply-adds x 2 per token of the ungated and the gated forward (logits at every position).
+
+    Ungated: the q/k/v/o projections, the MLP, attention scores and mixing, and the unembedding.
+    Gated adds, per edge, one multiply-add per residual dimension (the gate-weighted sum of source
+    differences into the destination input) and a LayerNorm per destination input; the per-head
+    q/k/v projections read separate inputs but cost what the shared ones cost. (XLA's cost analysis
+    counts a loop body once, so it undercounts the layer scan and is not used.)
+    """
+    d, heads = cfg.d_model, cfg.n_heads * cfg.d_head
+    per_layer = 2 * (3 * d * heads + heads * d) + 2 * 2 * pos * heads
+    if cfg.d_mlp:
+        per_layer += 2 * 2 * d * cfg.d_mlp
+    ungated = cfg.n_layers * per_layer + 2 * d * cfg.d_vocab
+    n_inputs = len({name.split("->")[1] for name in graph.gate_names}) if graph.level == "edge" else 0
+    gated = ungated + 2 * d * (graph.n_gates if graph.level == "edge" else 0) + 5 * d * n_inputs
+    return ungated / 1e6, gated / 1e6
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="gpt2")
@@ -28,6 +49,7 @@ def main(argv=None):
     parser.add_argument("--pos", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--qkv-split", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--level", choices=("edge", "node"), default="edge")
     args = parser.parse_args(argv)
 
     cfg = TransformerConfig.gpt2(args.size)
@@ -35,7 +57,7 @@ def main(argv=None):
     rng = np.random.RandomState(0)
     clean = rng.randint(0, cfg.d_vocab, (args.batch, args.pos))
     corrupt = rng.randint(0, cfg.d_vocab, (args.batch, args.pos))
-    graph = aj.Graph.from_model(model, qkv_split=args.qkv_split)
+    graph = aj.Graph.from_model(model, qkv_split=args.qkv_split, level=args.level)
     run = aj.GatedRun(model, graph, clean, aj.corrupt_ablation(model, corrupt))
     gates = graph.gates(1.0)
 
@@ -43,6 +65,7 @@ def main(argv=None):
     t_plain = timed(ungated, model, run.tokens, repeats=args.repeats)
     t_gated = timed(run, gates, repeats=args.repeats)
     tokens = args.batch * args.pos
+    mflop_plain, mflop_gated = analytic_mflop_per_token(cfg, graph, args.pos)
     results = {
         "ungated_tok_per_s": tokens / t_plain["steady_s"],
         "gated_tok_per_s": tokens / t_gated["steady_s"],
@@ -51,6 +74,11 @@ def main(argv=None):
         "gated_s": t_gated["steady_s"],
         "ungated_compile_s": t_plain["compile_s"],
         "gated_compile_s": t_gated["compile_s"],
+        "ungated_mflop_per_tok": mflop_plain,
+        "gated_mflop_per_tok": mflop_gated,
+        "flop_ratio_floor": mflop_gated / mflop_plain,
+        "ungated_gflop_per_s": mflop_plain * tokens / t_plain["steady_s"] / 1e3,
+        "gated_gflop_per_s": mflop_gated * tokens / t_gated["steady_s"] / 1e3,
     }
     settings = {"model": args.size, "batch": args.batch, "pos": args.pos, "graph": graph.describe().split(" (")[0], "n_gates": graph.n_gates}
     entry = record("forward_throughput", settings, results)
