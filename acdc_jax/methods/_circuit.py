@@ -47,6 +47,12 @@ class Circuit:
         self.kept = tuple(self.kept)
         self.graph.indices(self.kept)  # unknown names fail here, with close matches
 
+    @classmethod
+    def of(cls, problem, method: str, scores, kept, **fields) -> "Circuit":
+        """A circuit of ``problem`` (a ``Problem``): its task, graph, metric and ablation filled in."""
+        return cls(method=method, task=problem.task_name, graph=problem.graph, scores=scores, kept=kept,
+                   metric=problem.metric.name, ablation=problem.ablation, **fields)
+
     @property
     def names(self) -> tuple[str, ...]:
         return self.graph.gate_names

@@ -297,14 +297,11 @@ def attribution_circuit(
         metric_value = computation(problem).evaluate(problem.graph.gates_from_names(kept, problem.model.dtype))
     extra = dict(extra or {})
     extra.setdefault("signed", signed)
-    return Circuit(
-        method=method,
-        task=problem.task_name,
-        graph=problem.graph,
+    return Circuit.of(
+        problem,
+        method,
         scores=scores,
         kept=kept,
-        metric=problem.metric.name,
-        ablation=problem.ablation,
         threshold=None if threshold is None else float(threshold),
         metric_value=metric_value,
         seconds=time.perf_counter() - started,

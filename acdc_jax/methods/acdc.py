@@ -308,14 +308,11 @@ def acdc(
     save(final=True)
     kept = tuple(graph.gate_names[i] for i in np.flatnonzero(gates > 0))
     final_gates = jnp.asarray(gates)
-    circuit = Circuit(
-        method="acdc",
-        task=problem.task_name,
-        graph=graph,
+    circuit = Circuit.of(
+        problem,
+        "acdc",
         scores=scores,
         kept=kept,
-        metric=problem.metric.name,
-        ablation=problem.ablation,
         threshold=float(threshold),
         metric_value=problem.evaluate(final_gates),
         seconds=elapsed_before + time.perf_counter() - started,

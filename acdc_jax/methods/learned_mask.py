@@ -258,14 +258,11 @@ def learned_mask(
         "metric_options": [list(o) for o in problem.metric.options],
         "ablation": problem.ablation,
     }
-    return Circuit(
-        method="learned-mask",
-        task=problem.task_name,
-        graph=graph,
+    return Circuit.of(
+        problem,
+        "learned-mask",
         scores=scores,
         kept=kept,
-        metric=problem.metric.name,
-        ablation=problem.ablation,
         threshold=0.0 if discretize == "threshold" else None,
         metric_value=problem.evaluate(jnp.asarray(keep, problem.model.dtype)),
         seconds=time.perf_counter() - started,

@@ -42,14 +42,11 @@ def node_patching(problem: Problem, *, threshold: float = 0.0, include_embed: bo
     if not include_embed:
         keep[graph.index("embed")] = True  # the embedding is not a unit under test: always kept
     kept = tuple(name for name, k in zip(graph.gate_names, keep) if k)
-    return Circuit(
-        method="node-patching",
-        task=problem.task_name,
-        graph=graph,
+    return Circuit.of(
+        problem,
+        "node-patching",
         scores=scores,
         kept=kept,
-        metric=problem.metric.name,
-        ablation=problem.ablation,
         threshold=float(threshold),
         metric_value=problem.evaluate(jnp.asarray(keep, problem.model.dtype)),
         seconds=time.perf_counter() - started,

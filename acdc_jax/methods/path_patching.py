@@ -201,14 +201,11 @@ def path_patching(
     groups = _group_heads(paths, similarity)
     circuit_gates = np.zeros(graph.n_gates, np.float32)
     circuit_gates[[graph.edge_index(e) for e in kept]] = 1.0
-    return Circuit(
-        method="path-patching",
-        task=problem.task_name,
-        graph=graph,
+    return Circuit.of(
+        problem,
+        "path-patching",
         scores=scores,
         kept=kept,
-        metric=problem.metric.name,
-        ablation=problem.ablation,
         threshold=float(threshold),
         metric_value=problem.evaluate(jnp.asarray(circuit_gates)),
         seconds=time.perf_counter() - started,
