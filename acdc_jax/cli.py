@@ -75,14 +75,14 @@ def discover(
     from .models import LoadError, load_model
     from .tasks import TaskError, get_task
 
+    if dtype not in ("float32", "bfloat16"):
+        _fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     try:
         the_task = get_task(task, **_parse_options(task_option, "--task-option"))
         model_name = model or the_task.model
         if model_name is None:
             _fail(f"task {the_task.name!r} names no model: pass --model NAME_OR_DIR")
         the_model = load_model(model_name)
-        if dtype not in ("float32", "bfloat16"):
-            _fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
         if dtype == "bfloat16":
             import jax.numpy as jnp
 

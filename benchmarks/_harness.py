@@ -48,6 +48,25 @@ class _CompileEvents:
 compile_events = _CompileEvents()
 
 
+def random_task(d_vocab: int, prompts: int, pos: int, metric: str = "kl", name: str = "ioi-shaped-random", **fields):
+    """An IOI-shaped batch of random tokens read at the last position (seeded, so runs compare).
+
+    Draws clean, then corrupted tokens, then (for ``logit_diff``) one answer and one wrong-answer
+    token per prompt, all from ``np.random.RandomState(0)``.
+    """
+    import numpy as np
+
+    from acdc_jax.tasks import Task
+
+    rng = np.random.RandomState(0)
+    clean = rng.randint(0, d_vocab, (prompts, pos))
+    corrupt = rng.randint(0, d_vocab, clean.shape)
+    if metric == "logit_diff":
+        fields["answers"] = rng.randint(0, d_vocab, (prompts, 1))
+        fields["wrong_answers"] = rng.randint(0, d_vocab, (prompts, 1))
+    return Task(name=name, clean=clean, corrupt=corrupt, positions=np.full((prompts, 1), pos - 1), metric=metric, **fields)
+
+
 def block(x):
     return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
 

@@ -21,9 +21,8 @@ import acdc_jax as aj
 from acdc_jax.methods import Problem, acdc
 from acdc_jax.methods.acdc import visit_order
 from acdc_jax.models import TransformerConfig
-from acdc_jax.tasks import Task
 
-from ._harness import peak_memory_bytes, record
+from ._harness import peak_memory_bytes, random_task, record
 
 
 def plain_acdc(problem: Problem, threshold: float) -> tuple[set[str], int]:
@@ -65,10 +64,7 @@ def main(argv=None):
 
     cfg = TransformerConfig.gpt2("gpt2", n_layers=args.layers, name=f"gpt2-width-{args.layers}l")
     model = aj.init_model(cfg, jax.random.PRNGKey(0), std=0.05)
-    rng = np.random.RandomState(0)
-    clean = rng.randint(0, cfg.d_vocab, (args.prompts, args.pos))
-    task = Task(name="ioi-shaped-random", clean=clean, corrupt=rng.randint(0, cfg.d_vocab, clean.shape),
-                positions=np.full((args.prompts, 1), args.pos - 1), metric="kl")
+    task = random_task(cfg.d_vocab, args.prompts, args.pos)
     problem = Problem.build(model, task, metric="kl")
     threshold = args.fraction * problem.ablated_value()
 

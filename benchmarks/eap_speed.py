@@ -21,9 +21,8 @@ import numpy as np
 import acdc_jax as aj
 from acdc_jax.methods import Problem, eap
 from acdc_jax.models import TransformerConfig
-from acdc_jax.tasks import Task
 
-from ._harness import compile_events, peak_memory_bytes, record
+from ._harness import compile_events, peak_memory_bytes, random_task, record
 
 
 def main(argv=None):
@@ -37,12 +36,7 @@ def main(argv=None):
 
     cfg = TransformerConfig.gpt2(args.size)
     model = aj.init_model(cfg, jax.random.PRNGKey(0))
-    rng = np.random.RandomState(0)
-    clean = rng.randint(0, cfg.d_vocab, (args.prompts, args.pos))
-    task = Task(name="ioi-shaped-random", clean=clean, corrupt=rng.randint(0, cfg.d_vocab, clean.shape),
-                positions=np.full((args.prompts, 1), args.pos - 1), metric="logit_diff",
-                answers=rng.randint(0, cfg.d_vocab, (args.prompts, 1)),
-                wrong_answers=rng.randint(0, cfg.d_vocab, (args.prompts, 1)))
+    task = random_task(cfg.d_vocab, args.prompts, args.pos, metric="logit_diff")
     problem = Problem.build(model, task, qkv_split=not args.per_head)
 
     compile_events.reset()

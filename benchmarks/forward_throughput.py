@@ -15,12 +15,11 @@ import argparse
 
 import equinox as eqx
 import jax
-import numpy as np
 
 import acdc_jax as aj
 from acdc_jax.models import TransformerConfig, forward
 
-from ._harness import record, timed
+from ._harness import random_task, record, timed
 
 
 def analytic_mflop_per_token(cfg: TransformerConfig, graph: aj.Graph, pos: int) -> tuple[float, float]:
@@ -54,11 +53,9 @@ def main(argv=None):
 
     cfg = TransformerConfig.gpt2(args.size)
     model = aj.init_model(cfg, jax.random.PRNGKey(0))
-    rng = np.random.RandomState(0)
-    clean = rng.randint(0, cfg.d_vocab, (args.batch, args.pos))
-    corrupt = rng.randint(0, cfg.d_vocab, (args.batch, args.pos))
+    task = random_task(cfg.d_vocab, args.batch, args.pos)
     graph = aj.Graph.from_model(model, qkv_split=args.qkv_split, level=args.level)
-    run = aj.GatedRun(model, graph, clean, aj.corrupt_ablation(model, corrupt))
+    run = aj.GatedRun(model, graph, task.clean, aj.corrupt_ablation(model, task.corrupt))
     gates = graph.gates(1.0)
 
     ungated = eqx.filter_jit(forward)

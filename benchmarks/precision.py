@@ -22,38 +22,34 @@ import numpy as np
 import acdc_jax as aj
 from acdc_jax.evaluate import roc_auc
 from acdc_jax.methods import Problem, acdc
-from acdc_jax.models import TransformerConfig
+from acdc_jax.models import Transformer, TransformerConfig
 from acdc_jax.tasks import Task, get_task
 
-from ._harness import record
+from ._harness import random_task, record
 
 
-def _random_problem(dtype) -> tuple[Problem, None]:
+def _random_problem(dtype) -> tuple[Transformer, Task]:
     cfg = TransformerConfig.gpt2("gpt2", n_layers=2, name="gpt2-width-2l")
     model = aj.init_model(cfg, jax.random.PRNGKey(0), std=0.05).astype(dtype)
-    rng = np.random.RandomState(0)
-    clean = rng.randint(0, cfg.d_vocab, (20, 16))
-    task = Task(name="ioi-shaped-random", clean=clean, corrupt=rng.randint(0, cfg.d_vocab, clean.shape),
-                positions=np.full((20, 1), 15), metric="logit_diff", answers=rng.randint(0, cfg.d_vocab, (20, 1)),
-                wrong_answers=rng.randint(0, cfg.d_vocab, (20, 1)), discovery_metric="kl")
-    return model, task
+    return model, random_task(cfg.d_vocab, 20, 16, metric="logit_diff", discovery_metric="kl")
 
 
-def _induction_problem(dtype):
+def _induction_problem(dtype) -> tuple[Transformer, Task]:
     return aj.load_model("induction").astype(dtype), get_task("induction")
 
 
-def compare(name: str, build, threshold_fraction: float) -> dict:
+def compare(build, threshold_fraction: float) -> dict:
     out = {}
     circuits = {}
+    logits = {}
     for label, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
         model, task = build(dtype)
         paper = Problem.build(model, task)
-        search = Problem.build(model, task, metric=task.discovery_metric)
+        search = paper.with_metric(task.get_metric(task.discovery_metric))
         graph = paper.graph
         out[f"{label}_metric_clean"] = float(paper.value(graph.gates(1.0)))
         out[f"{label}_metric_ablated"] = float(paper.value(graph.gates(0.0)))
-        out[f"{label}_logits"] = np.asarray(paper.run.logits(graph.gates(1.0)), np.float32)
+        logits[label] = np.asarray(paper.run.logits(graph.gates(1.0)), np.float32)
         if label == "fp32":
             threshold = threshold_fraction * float(search.ablated_value())
         start = time.perf_counter()
@@ -62,8 +58,7 @@ def compare(name: str, build, threshold_fraction: float) -> dict:
         out[f"{label}_kept"] = circuits[label].n_kept
         if task.canonical is not None:
             out[f"{label}_auc"] = roc_auc(circuits[label].scores, task.canonical.labels(graph))
-    diff = np.abs(out.pop("fp32_logits") - out.pop("bf16_logits"))
-    out["max_abs_logit_diff"] = float(diff.max())
+    out["max_abs_logit_diff"] = float(np.abs(logits["fp32"] - logits["bf16"]).max())
     out["threshold"] = threshold
     out["edges_changed"] = len(set(circuits["fp32"].kept) ^ set(circuits["bf16"].kept))
     out["n_edges"] = circuits["fp32"].graph.n_gates
@@ -75,7 +70,7 @@ def main(argv=None):
     parser.add_argument("--fraction", type=float, default=0.01, help="ACDC threshold as a fraction of the fp32 ablated metric")
     args = parser.parse_args(argv)
     for name, build in (("induction", _induction_problem), ("gpt2-width-2l random", _random_problem)):
-        results = compare(name, build, args.fraction)
+        results = compare(build, args.fraction)
         entry = record("precision_bf16", {"model": name, "threshold_fraction": args.fraction}, results)
         print(name)
         for k, v in entry["results"].items():

@@ -19,9 +19,8 @@ import acdc_jax as aj
 from acdc_jax.methods import Problem
 from acdc_jax.models import TransformerConfig
 from acdc_jax.patching import auto_chunk_size, bytes_per_configuration
-from acdc_jax.tasks import Task
 
-from ._harness import block, peak_memory_bytes, record
+from ._harness import block, peak_memory_bytes, random_task, record
 
 
 def main(argv=None):
@@ -34,10 +33,7 @@ def main(argv=None):
 
     cfg = TransformerConfig.gpt2()
     model = aj.init_model(cfg, jax.random.PRNGKey(0))
-    rng = np.random.RandomState(0)
-    clean = rng.randint(0, cfg.d_vocab, (args.prompts, args.pos))
-    task = Task(name="random", clean=clean, corrupt=rng.randint(0, cfg.d_vocab, clean.shape),
-                positions=np.full((args.prompts, 1), args.pos - 1), metric="kl")
+    task = random_task(cfg.d_vocab, args.prompts, args.pos, name="random")
     problem = Problem.build(model, task, metric="kl")
     gates = jax.random.bernoulli(jax.random.PRNGKey(1), 0.9, (args.configs, problem.graph.n_gates)).astype(np.float32)
     chunk = args.chunk or auto_chunk_size(problem.run, args.configs)
