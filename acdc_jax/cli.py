@@ -22,6 +22,21 @@ app = typer.Typer(
 console = Console()
 
 
+@app.callback()
+def _settings(
+    no_compile_cache: Annotated[bool, typer.Option(
+        "--no-compile-cache",
+        help="Compile afresh instead of reusing compiled code from the per-user cache "
+             "(~/.cache/acdc-jax/jax, or $ACDC_JAX_CACHE_DIR; ACDC_JAX_COMPILE_CACHE=0 also turns it off).",
+    )] = False,
+) -> None:
+    """Settings shared by every command."""
+    from .compile_cache import cache_enabled_by_env, enable_compile_cache
+
+    if not no_compile_cache and cache_enabled_by_env():
+        enable_compile_cache()
+
+
 def _parse_options(pairs: list[str] | None, what: str) -> dict:
     """``key=value`` pairs; values are read as JSON when they parse (numbers, booleans, lists)."""
     out = {}

@@ -5,6 +5,8 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The CLI would turn on the persistent compilation cache for the whole test process; its own test turns it on.
+os.environ.setdefault("ACDC_JAX_COMPILE_CACHE", "0")
 
 import jax  # noqa: E402
 
