@@ -26,21 +26,28 @@ def plain_acdc(problem: Problem, threshold: float, abs_value: bool = False) -> s
         return jitted(problem, g)
 
     order = ["logits"]
+    heads = list(reversed(range(graph.n_heads)))
+    kinds = ("v", "k", "q") if graph.qkv_split else (None,)
     for layer in reversed(range(graph.n_layers)):
         if graph.has_mlp:
             order.append(f"mlp{layer}")
-        for t in ("q", "k", "v") if graph.qkv_split else (None,):
-            heads = list(reversed(range(graph.n_heads)))
-            if graph.internal_edges:
-                order += [("internal", f"a{layer}.{h}.{t}", f"a{layer}.{h}") for h in heads]
-            order += [f"a{layer}.{h}.{t}" if t else f"a{layer}.{h}" for h in heads]
+        if graph.internal_edges:
+            order += [("internal", f"a{layer}.{h}.{t}", f"a{layer}.{h}") for t in kinds for h in heads]
+        order += [f"a{layer}.{h}.{t}" if t else f"a{layer}.{h}" for t in kinds for h in heads]
+
+    def senders(dst):  # latest block first, the heads of one layer head 0 first
+        srcs = set(graph.sources_of(dst))
+        out = []
+        for layer in reversed(range(graph.n_layers)):
+            out += [f"mlp{layer}"] + [f"a{layer}.{h}" for h in range(graph.n_heads)]
+        return [s for s in out + ["embed"] if s in srcs]
 
     for item in order:
         if isinstance(item, tuple):  # the edge a.h.t -> a.h
             _, inp, head = item
             edges, owner, via = [f"{inp}->{head}"], head, None
         else:
-            edges = [f"{src}->{item}" for src in reversed(graph.sources_of(item))]
+            edges = [f"{src}->{item}" for src in senders(item)]
             owner = item if item in ("logits",) or item.startswith("mlp") else ".".join(item.split(".")[:2])
             via = f"{item}->{owner}" if graph.internal_edges and item.count(".") == 2 else None
         used = owner == "logits" or any(
@@ -59,6 +66,35 @@ def plain_acdc(problem: Problem, threshold: float, abs_value: bool = False) -> s
             if (abs(result) if abs_value else result) >= threshold:
                 gates[graph.index(e)] = 1
     return {graph.name(i) for i in np.flatnonzero(gates)}
+
+
+def test_visit_order_is_acdcs_on_a_two_layer_model_with_mlps():
+    """TLACDCExperiment's order, written out by hand: layers from the last; in a layer the MLP input,
+    the internal edges for v, k, q (last head first), then the v, k, q inputs (last head first);
+    into one destination the latest block first, the heads of one layer head 0 first."""
+    from acdc_jax.methods.acdc import visit_order
+
+    cfg = aj.TransformerConfig(n_layers=2, n_heads=2, d_model=8, d_head=4, d_mlp=8, d_vocab=11, n_ctx=4)
+    graph = aj.Graph.from_model(aj.init_model(cfg, jax.random.PRNGKey(0)), qkv_split=True, internal_edges=True)
+    into = {
+        "logits": ["mlp1", "a1.0", "a1.1", "mlp0", "a0.0", "a0.1", "embed"],
+        "mlp1": ["a1.0", "a1.1", "mlp0", "a0.0", "a0.1", "embed"],
+        "a1": ["mlp0", "a0.0", "a0.1", "embed"],
+        "mlp0": ["a0.0", "a0.1", "embed"],
+        "a0": ["embed"],
+    }
+    expected = [f"{s}->logits" for s in into["logits"]] + [f"{s}->mlp1" for s in into["mlp1"]]
+    for layer in (1, 0):
+        if layer == 0:
+            expected += [f"{s}->mlp0" for s in into["mlp0"]]
+        expected += [f"a{layer}.{h}.{t}->a{layer}.{h}" for t in "vkq" for h in (1, 0)]
+        expected += [f"{s}->a{layer}.{h}.{t}" for t in "vkq" for h in (1, 0) for s in into[f"a{layer}"]]
+    got = [graph.gate_names[u] for group in visit_order(graph) for u in group.units]
+    assert got == expected
+    assert sorted(got) == sorted(graph.gate_names)  # every edge exactly once
+    without = aj.Graph.from_model(aj.init_model(cfg, jax.random.PRNGKey(0)), qkv_split=True)
+    got = [without.gate_names[u] for group in visit_order(without) for u in group.units]
+    assert got == [e for e in expected if e.count("->") and not e.split("->")[0].count(".") == 2]
 
 
 def _random_problem(config_name, qkv_split=True, internal_edges=False, seed=0):
