@@ -16,11 +16,22 @@ from .conftest import TINY_CONFIGS
 from .planted import PLANTED_EDGES, planted_problem, planted_task
 
 
-def plain_acdc(problem: Problem, threshold: float, abs_value: bool = False) -> set[str]:
-    """ACDC written plainly: one edge at a time, a full forward pass for every evaluation."""
+def plain_acdc(problem: Problem, threshold: float, abs_value: bool = False, nodes=None, scores=None) -> set[str]:
+    """ACDC written plainly: one edge at a time, a full forward pass for every evaluation. With
+    ``nodes``, edges with an endpoint outside them start at 0 and are never tested; ``scores``
+    (a dict) receives each tested edge's result."""
     graph = problem.graph
     jitted = eqx.filter_jit(Problem.loss)
     gates = np.ones(graph.n_gates, np.float32)
+    skipped = set()
+    if nodes is not None:
+        nodes = set(nodes) | {"embed", "logits"}
+        for e in graph.edges:
+            src, dst = graph.split_edge(e)
+            owner = dst if dst == "logits" or dst.startswith("mlp") else ".".join(dst.split(".")[:2])
+            if src not in nodes or owner not in nodes:
+                gates[graph.index(e)] = 0
+                skipped.add(e)
 
     def loss(g):
         return jitted(problem, g)
@@ -60,9 +71,13 @@ def plain_acdc(problem: Problem, threshold: float, abs_value: bool = False) -> s
                 gates[graph.index(e)] = 0
             continue
         for e in edges:
+            if e in skipped:
+                continue
             before = float(loss(gates))
             gates[graph.index(e)] = 0
             result = float(loss(gates)) - before
+            if scores is not None:
+                scores[e] = result
             if (abs(result) if abs_value else result) >= threshold:
                 gates[graph.index(e)] = 1
     return {graph.name(i) for i in np.flatnonzero(gates)}
@@ -136,6 +151,34 @@ def test_batched_acdc_equals_plain_loop_on_tracr(task_name, ablation):
             expected = plain_acdc(problem, threshold, abs_value)
             circuit = acdc(problem, threshold=threshold, abs_value=abs_value, max_batch=16)
             assert set(circuit.kept) == expected, (threshold, abs_value, set(circuit.kept) ^ expected)
+
+
+@pytest.mark.parametrize("restricted", [False, True])
+def test_restricted_acdc_equals_the_plain_loop_start_to_end(restricted):
+    """With ``nodes`` the out-of-scope edges are 0 from the start, also below the layer being
+    visited: every batch must see them (the cache comes from the gated run, not the clean one)."""
+    cfg = TINY_CONFIGS["gpt2-like"]
+    model = aj.init_model(cfg, jax.random.PRNGKey(5), std=1.0)
+    rng = np.random.RandomState(5)
+    clean = rng.randint(0, cfg.d_vocab, (3, cfg.n_ctx - 2))
+    task = Task(name="random", clean=clean, corrupt=rng.randint(0, cfg.d_vocab, clean.shape),
+                positions=np.tile(np.arange(clean.shape[1]), (3, 1)), metric="kl")
+    problem = Problem.build(model, task)
+    graph = problem.graph
+    nodes = {"a0.0", "a0.2", "a1.0", "a1.1", "mlp1"} if restricted else None  # a0.1, mlp0, a1.2 out
+    gap = problem.ablated_value() - problem.clean_value()
+    for threshold in (0.01 * gap, 0.05 * gap):
+        scores = {}
+        expected = plain_acdc(problem, threshold, nodes=nodes, scores=scores)
+        circuit = acdc(problem, threshold=threshold, max_batch=8, nodes=nodes)
+        assert set(circuit.kept) == expected, (threshold, set(circuit.kept) ^ expected)
+        assert 0 < len(expected) < graph.n_gates
+        tested = {graph.name(i) for i in np.flatnonzero(~np.isnan(circuit.scores) & (circuit.scores != 0))}
+        assert tested <= set(scores)
+        np.testing.assert_allclose([circuit.score(e) for e in tested], [scores[e] for e in tested], atol=1e-6)
+        gates = np.zeros(graph.n_gates, np.float32)
+        gates[[graph.index(e) for e in expected]] = 1
+        np.testing.assert_allclose(circuit.metric_value, problem.evaluate(gates), atol=1e-6)
 
 
 def test_scores_are_the_metric_change_each_removal_caused():

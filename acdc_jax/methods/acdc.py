@@ -29,7 +29,8 @@ would have been removed; to reproduce the original exactly, build the problem wi
 vmapped call evaluates the current gating and the cumulative removals {e1}, {e1,e2}, ...; walking
 that batch reproduces the sequential decisions until the first kept edge, after which the next
 batch starts. Every batch's evaluations start at the destination's layer on cached clean
-differences: layers below it still have all gates at 1, so their sources are clean. Batch sizes
+differences: layers below it still have their starting gates (all 1, so their sources are clean;
+or, with ``nodes``, the out-of-scope edges at 0, and then the cache comes from that gated run). Batch sizes
 come from a few compiled buckets and adapt (they grow while edges are removed and shrink after a
 keep); decisions do not depend on them. Checkpoints are written at batch boundaries, with the
 adaptive state, so a resumed run replays exactly the batches of an uninterrupted one.
@@ -52,6 +53,7 @@ import numpy as np
 
 from ..graph import Graph
 from ..metrics import Metric, get_metric
+from ..models import gated_forward
 from ..patching import auto_chunk_size
 from ._circuit import Circuit
 from ._problem import Problem
@@ -289,7 +291,7 @@ def acdc(
         state = saved["state"]
     elapsed_before = float(state.get("seconds", 0.0))
 
-    deltas = problem.run.clean_deltas()
+    deltas = _starting_deltas(problem, gates)
     if chunk_size is None:
         chunk_size = min(DEFAULT_CHUNK, auto_chunk_size(problem.run, max_batch + 1))
     outgoing = _outgoing_edges(graph)
@@ -378,6 +380,23 @@ def acdc(
     if prepass is not None:
         circuit.extra["node_prepass"] = {"threshold": node_prepass, "kept": list(prepass.kept), "seconds": prepass.seconds}
     return circuit
+
+
+def _starting_deltas(problem: Problem, gates: np.ndarray):
+    """The difference buffer every batch resumes from: the sources of a run under ``gates``.
+
+    During the search the gates below the destination being visited are still the starting ones, so
+    this buffer is exact for every source below it. With all gates at 1 that is the clean run; when
+    edges start at 0 (``nodes``, ``node_prepass``, or gates restored from a checkpoint) it is the
+    gated run, so that the ablations below the current layer take effect from the first batch.
+    """
+    if np.all(gates == 1):
+        return problem.run.clean_deltas()
+    run = problem.run
+    _, deltas = eqx.filter_jit(gated_forward)(
+        run.model, run.graph.dense(jnp.asarray(gates)), run.ablation, run.tokens, positions=run.positions, return_deltas=True
+    )
+    return deltas
 
 
 def _chunk_for(rows: int, largest: int) -> int:
