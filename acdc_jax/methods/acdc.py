@@ -277,6 +277,7 @@ def acdc(
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     state = {"group": 0, "position": 0, "cap": min(2, max_batch), "evaluations": 0, "batches": 0}
+    starting_gates = gates.copy()  # the cache below follows these, also on resume (same floats as an uninterrupted run)
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(problem, settings) if ckpt_path is not None else ""
     if ckpt_path is not None and ckpt_path.exists():
@@ -291,7 +292,7 @@ def acdc(
         state = saved["state"]
     elapsed_before = float(state.get("seconds", 0.0))
 
-    deltas = _starting_deltas(problem, gates)
+    deltas = _starting_deltas(problem, starting_gates)
     if chunk_size is None:
         chunk_size = min(DEFAULT_CHUNK, auto_chunk_size(problem.run, max_batch + 1))
     outgoing = _outgoing_edges(graph)
@@ -387,7 +388,7 @@ def _starting_deltas(problem: Problem, gates: np.ndarray):
 
     During the search the gates below the destination being visited are still the starting ones, so
     this buffer is exact for every source below it. With all gates at 1 that is the clean run; when
-    edges start at 0 (``nodes``, ``node_prepass``, or gates restored from a checkpoint) it is the
+    edges start at 0 (``nodes``, ``node_prepass``) it is the
     gated run, so that the ablations below the current layer take effect from the first batch.
     """
     if np.all(gates == 1):
