@@ -16,31 +16,49 @@ from .conftest import TINY_CONFIGS
 from .planted import PLANTED_EDGES, planted_problem, planted_task
 
 
-def plain_acdc(problem: Problem, threshold: float, abs_value: bool = False) -> set[str]:
-    """ACDC written plainly: one edge at a time, a full forward pass for every evaluation."""
+def plain_acdc(problem: Problem, threshold: float, abs_value: bool = False, nodes=None, scores=None) -> set[str]:
+    """ACDC written plainly: one edge at a time, a full forward pass for every evaluation. With
+    ``nodes``, edges with an endpoint outside them start at 0 and are never tested; ``scores``
+    (a dict) receives each tested edge's result."""
     graph = problem.graph
     jitted = eqx.filter_jit(Problem.loss)
     gates = np.ones(graph.n_gates, np.float32)
+    skipped = set()
+    if nodes is not None:
+        nodes = set(nodes) | {"embed", "logits"}
+        for e in graph.edges:
+            src, dst = graph.split_edge(e)
+            owner = dst if dst == "logits" or dst.startswith("mlp") else ".".join(dst.split(".")[:2])
+            if src not in nodes or owner not in nodes:
+                gates[graph.index(e)] = 0
+                skipped.add(e)
 
     def loss(g):
         return jitted(problem, g)
 
     order = ["logits"]
+    heads = list(reversed(range(graph.n_heads)))
+    kinds = ("v", "k", "q") if graph.qkv_split else (None,)
     for layer in reversed(range(graph.n_layers)):
         if graph.has_mlp:
             order.append(f"mlp{layer}")
-        for t in ("q", "k", "v") if graph.qkv_split else (None,):
-            heads = list(reversed(range(graph.n_heads)))
-            if graph.internal_edges:
-                order += [("internal", f"a{layer}.{h}.{t}", f"a{layer}.{h}") for h in heads]
-            order += [f"a{layer}.{h}.{t}" if t else f"a{layer}.{h}" for h in heads]
+        if graph.internal_edges:
+            order += [("internal", f"a{layer}.{h}.{t}", f"a{layer}.{h}") for t in kinds for h in heads]
+        order += [f"a{layer}.{h}.{t}" if t else f"a{layer}.{h}" for t in kinds for h in heads]
+
+    def senders(dst):  # latest block first, the heads of one layer head 0 first
+        srcs = set(graph.sources_of(dst))
+        out = []
+        for layer in reversed(range(graph.n_layers)):
+            out += [f"mlp{layer}"] + [f"a{layer}.{h}" for h in range(graph.n_heads)]
+        return [s for s in out + ["embed"] if s in srcs]
 
     for item in order:
         if isinstance(item, tuple):  # the edge a.h.t -> a.h
             _, inp, head = item
             edges, owner, via = [f"{inp}->{head}"], head, None
         else:
-            edges = [f"{src}->{item}" for src in reversed(graph.sources_of(item))]
+            edges = [f"{src}->{item}" for src in senders(item)]
             owner = item if item in ("logits",) or item.startswith("mlp") else ".".join(item.split(".")[:2])
             via = f"{item}->{owner}" if graph.internal_edges and item.count(".") == 2 else None
         used = owner == "logits" or any(
@@ -53,12 +71,45 @@ def plain_acdc(problem: Problem, threshold: float, abs_value: bool = False) -> s
                 gates[graph.index(e)] = 0
             continue
         for e in edges:
+            if e in skipped:
+                continue
             before = float(loss(gates))
             gates[graph.index(e)] = 0
             result = float(loss(gates)) - before
+            if scores is not None:
+                scores[e] = result
             if (abs(result) if abs_value else result) >= threshold:
                 gates[graph.index(e)] = 1
     return {graph.name(i) for i in np.flatnonzero(gates)}
+
+
+def test_visit_order_is_acdcs_on_a_two_layer_model_with_mlps():
+    """TLACDCExperiment's order, written out by hand: layers from the last; in a layer the MLP input,
+    the internal edges for v, k, q (last head first), then the v, k, q inputs (last head first);
+    into one destination the latest block first, the heads of one layer head 0 first."""
+    from acdc_jax.methods.acdc import visit_order
+
+    cfg = aj.TransformerConfig(n_layers=2, n_heads=2, d_model=8, d_head=4, d_mlp=8, d_vocab=11, n_ctx=4)
+    graph = aj.Graph.from_model(aj.init_model(cfg, jax.random.PRNGKey(0)), qkv_split=True, internal_edges=True)
+    into = {
+        "logits": ["mlp1", "a1.0", "a1.1", "mlp0", "a0.0", "a0.1", "embed"],
+        "mlp1": ["a1.0", "a1.1", "mlp0", "a0.0", "a0.1", "embed"],
+        "a1": ["mlp0", "a0.0", "a0.1", "embed"],
+        "mlp0": ["a0.0", "a0.1", "embed"],
+        "a0": ["embed"],
+    }
+    expected = [f"{s}->logits" for s in into["logits"]] + [f"{s}->mlp1" for s in into["mlp1"]]
+    for layer in (1, 0):
+        if layer == 0:
+            expected += [f"{s}->mlp0" for s in into["mlp0"]]
+        expected += [f"a{layer}.{h}.{t}->a{layer}.{h}" for t in "vkq" for h in (1, 0)]
+        expected += [f"{s}->a{layer}.{h}.{t}" for t in "vkq" for h in (1, 0) for s in into[f"a{layer}"]]
+    got = [graph.gate_names[u] for group in visit_order(graph) for u in group.units]
+    assert got == expected
+    assert sorted(got) == sorted(graph.gate_names)  # every edge exactly once
+    without = aj.Graph.from_model(aj.init_model(cfg, jax.random.PRNGKey(0)), qkv_split=True)
+    got = [without.gate_names[u] for group in visit_order(without) for u in group.units]
+    assert got == [e for e in expected if e.count("->") and not e.split("->")[0].count(".") == 2]
 
 
 def _random_problem(config_name, qkv_split=True, internal_edges=False, seed=0):
@@ -100,6 +151,34 @@ def test_batched_acdc_equals_plain_loop_on_tracr(task_name, ablation):
             expected = plain_acdc(problem, threshold, abs_value)
             circuit = acdc(problem, threshold=threshold, abs_value=abs_value, max_batch=16)
             assert set(circuit.kept) == expected, (threshold, abs_value, set(circuit.kept) ^ expected)
+
+
+@pytest.mark.parametrize("restricted", [False, True])
+def test_restricted_acdc_equals_the_plain_loop_start_to_end(restricted):
+    """With ``nodes`` the out-of-scope edges are 0 from the start, also below the layer being
+    visited: every batch must see them (the cache comes from the gated run, not the clean one)."""
+    cfg = TINY_CONFIGS["gpt2-like"]
+    model = aj.init_model(cfg, jax.random.PRNGKey(5), std=1.0)
+    rng = np.random.RandomState(5)
+    clean = rng.randint(0, cfg.d_vocab, (3, cfg.n_ctx - 2))
+    task = Task(name="random", clean=clean, corrupt=rng.randint(0, cfg.d_vocab, clean.shape),
+                positions=np.tile(np.arange(clean.shape[1]), (3, 1)), metric="kl")
+    problem = Problem.build(model, task)
+    graph = problem.graph
+    nodes = {"a0.0", "a0.2", "a1.0", "a1.1", "mlp1"} if restricted else None  # a0.1, mlp0, a1.2 out
+    gap = problem.ablated_value() - problem.clean_value()
+    for threshold in (0.01 * gap, 0.05 * gap):
+        scores = {}
+        expected = plain_acdc(problem, threshold, nodes=nodes, scores=scores)
+        circuit = acdc(problem, threshold=threshold, max_batch=8, nodes=nodes)
+        assert set(circuit.kept) == expected, (threshold, set(circuit.kept) ^ expected)
+        assert 0 < len(expected) < graph.n_gates
+        tested = {graph.name(i) for i in np.flatnonzero(~np.isnan(circuit.scores) & (circuit.scores != 0))}
+        assert tested <= set(scores)
+        np.testing.assert_allclose([circuit.score(e) for e in tested], [scores[e] for e in tested], atol=1e-6)
+        gates = np.zeros(graph.n_gates, np.float32)
+        gates[[graph.index(e) for e in expected]] = 1
+        np.testing.assert_allclose(circuit.metric_value, problem.evaluate(gates), atol=1e-6)
 
 
 def test_scores_are_the_metric_change_each_removal_caused():

@@ -8,15 +8,29 @@ A destination whose node no longer feeds anything (all its outgoing edges ablate
 incoming edges ablated without evaluation, as ACDC does. The score recorded for an edge is its
 signed ``result`` (0 for edges ablated without evaluation).
 
-Visit order within a layer follows ACDC's graph: the MLP input, then for q, k and v in turn the
-internal ``a.h.t->a.h`` edges of all heads (last head first, when the graph lists them) and the
-``a.h.t`` inputs of all heads (last head first).
+**Visit order** is that of ACDC's ``TLACDCExperiment`` with its default settings, derived from its
+code (see :func:`visit_order`): ``logits``, then layer by layer from the last, the MLP input, the
+internal ``a.h.v->a.h`` edges of all heads (last head first, when the graph lists them), then the
+``k`` and the ``q`` internal edges, then the ``a.h.v`` inputs of all heads (last head first), the
+``k`` inputs, the ``q`` inputs. Within one destination the latest block is tried first (the MLP of
+the layer below, then that layer's heads in ascending order, head 0 first, and so on down to
+``embed``).
+
+**The default graph and the original.** ACDC's graph always has the internal edges. Without them
+(``internal_edges=False``, the default for ``acdc``) there are two differences: the internal edge
+``a.h.v->a.h`` is never tested on its own (in the original its removal corrupts the head's whole v
+input at once, and once it is gone the ``a.h.v`` input node is disconnected, so its incoming edges
+are removed without evaluation), and consequently the residual edges into ``a.h.v`` are all tested
+one by one here, where the original may skip them. The circuits then agree whenever no internal edge
+would have been removed; to reproduce the original exactly, build the problem with
+``internal_edges=True``.
 
 **Speculative prefix batching.** For the next k undecided edges e1..ek of one destination, one
 vmapped call evaluates the current gating and the cumulative removals {e1}, {e1,e2}, ...; walking
 that batch reproduces the sequential decisions until the first kept edge, after which the next
 batch starts. Every batch's evaluations start at the destination's layer on cached clean
-differences: layers below it still have all gates at 1, so their sources are clean. Batch sizes
+differences: layers below it still have their starting gates (all 1, so their sources are clean;
+or, with ``nodes``, the out-of-scope edges at 0, and then the cache comes from that gated run). Batch sizes
 come from a few compiled buckets and adapt (they grow while edges are removed and shrink after a
 keep); decisions do not depend on them. Checkpoints are written at batch boundaries, with the
 adaptive state, so a resumed run replays exactly the batches of an uninterrupted one.
@@ -39,6 +53,7 @@ import numpy as np
 
 from ..graph import Graph
 from ..metrics import Metric, get_metric
+from ..models import gated_forward
 from ..patching import auto_chunk_size
 from ._circuit import Circuit
 from ._problem import Problem
@@ -65,7 +80,34 @@ class _Group:
 
 
 def visit_order(graph: Graph) -> list[_Group]:
-    """ACDC's visit order for ``graph`` (see the module docstring)."""
+    """ACDC's visit order for ``graph``, as ``TLACDCExperiment`` (default settings) visits it.
+
+    How the original orders its work, read from its code:
+
+    - ``TLACDCCorrespondence.setup_from_model`` creates the nodes layer by layer from the last: the
+      MLP (``hook_mlp_out``, ``hook_mlp_in``), then the heads from the last to the first, each with
+      ``hook_q``/``hook_q_input``, ``k``, ``v``; the embedding last. A node's edges from the residual
+      stream are added as each source is created, so a destination's incoming edges are stored
+      latest block first: the MLP of the layer below, that layer's heads (last head first), the MLP
+      of the layer below that, ..., the embedding. They are kept in nested dicts keyed by sender hook
+      name, then by sender index (one index per head of ``attn.hook_result``).
+    - ``reverse_topologically_sort_corr`` reorders the hook names by the reverse of TransformerLens's
+      execution order. Within a block that runs ``hook_q_input``, ``hook_k_input``, ``hook_v_input``,
+      ``attn.hook_q``, ``hook_k``, ``hook_v``, ``attn.hook_result``, ``hook_mlp_in``,
+      ``hook_mlp_out``; reversed: the MLP, the head outputs (placeholder edges only, nothing tested),
+      ``hook_v``, ``hook_k``, ``hook_q`` (whose one incoming edge each is the internal edge
+      ``a.h.t->a.h``), then ``hook_v_input``, ``hook_k_input``, ``hook_q_input``.
+      ``find_next_node`` walks the indices of one hook name in insertion order (last head first)
+      before the next name.
+    - ``step`` tries the incoming edges sender name by sender name in stored order (``names_mode``
+      "normal"), and within a name the indices reversed (``indices_mode`` defaults to "reverse" in
+      ``TLACDCExperiment``): so the heads of one layer are tried head 0 first. (ACDC's ``main.py``
+      passes ``--indices-mode``, default "normal", which would try the last head first; the paper's
+      runs mostly pass "reverse".)
+
+    Each group's units are gate indices in that order; node-level graphs keep their own order
+    (latest node first).
+    """
     if graph.level == "node":
         units = np.arange(graph.n_gates)[::-1]
         layers = np.array([_source_layer(graph, graph.gate_names[u]) for u in units], np.int32)
@@ -74,7 +116,8 @@ def visit_order(graph: Graph) -> list[_Group]:
     edge_of = graph._edge_index
 
     def into(dst: str, layer: int, consumer: int, via: int = -1) -> _Group:
-        units = np.array([edge_of[f"{src}->{dst}"] for src in reversed(graph.sources_of(dst))], np.int32)
+        srcs = [edge_of[f"{src}->{dst}"] for src in _incoming_order(graph.sources_of(dst))]
+        units = np.array(srcs, np.int32)
         return _Group(dst, units, np.full(len(units), layer, np.int32), consumer, via)
 
     groups = [into("logits", graph.n_layers, -1)]
@@ -82,17 +125,32 @@ def visit_order(graph: Graph) -> list[_Group]:
         if graph.has_mlp:
             groups.append(into(f"mlp{layer}", layer, src_index[f"mlp{layer}"]))
         heads = list(reversed(range(graph.n_heads)))
-        for t in ("q", "k", "v") if graph.qkv_split else (None,):
-            if graph.internal_edges:
+        kinds = ("v", "k", "q") if graph.qkv_split else (None,)
+        if graph.internal_edges:
+            for t in kinds:
                 for h in heads:
-                    internal = edge_of[f"a{layer}.{h}.{t}->a{layer}.{h}"]
-                    groups.append(_Group(f"a{layer}.{h}.{t}->a{layer}.{h}", np.array([internal], np.int32),
+                    name = f"a{layer}.{h}.{t}->a{layer}.{h}"
+                    groups.append(_Group(name, np.array([edge_of[name]], np.int32),
                                          np.array([layer], np.int32), src_index[f"a{layer}.{h}"]))
+        for t in kinds:
             for h in heads:
                 dst = f"a{layer}.{h}.{t}" if t else f"a{layer}.{h}"
                 via = edge_of[f"{dst}->a{layer}.{h}"] if graph.internal_edges else -1
                 groups.append(into(dst, layer, src_index[f"a{layer}.{h}"], via))
     return groups
+
+
+def _incoming_order(sources: tuple[str, ...]) -> list[str]:
+    """A destination's sources in the order ACDC tries them: blocks latest first (``mlp{l}``, the
+    heads of layer ``l``, ``mlp{l-1}``, ..., ``embed``), the heads of one layer in ascending order."""
+    blocks: list[list[str]] = []
+    for src in sources:  # topological order: embed, a0.*, mlp0, a1.*, ...
+        block = src.split(".")[0]
+        if blocks and blocks[-1][0].split(".")[0] == block:
+            blocks[-1].append(src)
+        else:
+            blocks.append([src])
+    return [src for block in reversed(blocks) for src in block]
 
 
 def _source_layer(graph: Graph, source: str) -> int:
@@ -219,6 +277,7 @@ def acdc(
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     state = {"group": 0, "position": 0, "cap": min(2, max_batch), "evaluations": 0, "batches": 0}
+    starting_gates = gates.copy()  # the cache below follows these, also on resume (same floats as an uninterrupted run)
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(problem, settings) if ckpt_path is not None else ""
     if ckpt_path is not None and ckpt_path.exists():
@@ -233,7 +292,7 @@ def acdc(
         state = saved["state"]
     elapsed_before = float(state.get("seconds", 0.0))
 
-    deltas = problem.run.clean_deltas()
+    deltas = _starting_deltas(problem, starting_gates)
     if chunk_size is None:
         chunk_size = min(DEFAULT_CHUNK, auto_chunk_size(problem.run, max_batch + 1))
     outgoing = _outgoing_edges(graph)
@@ -322,6 +381,23 @@ def acdc(
     if prepass is not None:
         circuit.extra["node_prepass"] = {"threshold": node_prepass, "kept": list(prepass.kept), "seconds": prepass.seconds}
     return circuit
+
+
+def _starting_deltas(problem: Problem, gates: np.ndarray):
+    """The difference buffer every batch resumes from: the sources of a run under ``gates``.
+
+    During the search the gates below the destination being visited are still the starting ones, so
+    this buffer is exact for every source below it. With all gates at 1 that is the clean run; when
+    edges start at 0 (``nodes``, ``node_prepass``) it is the
+    gated run, so that the ablations below the current layer take effect from the first batch.
+    """
+    if np.all(gates == 1):
+        return problem.run.clean_deltas()
+    run = problem.run
+    _, deltas = eqx.filter_jit(gated_forward)(
+        run.model, run.graph.dense(jnp.asarray(gates)), run.ablation, run.tokens, positions=run.positions, return_deltas=True
+    )
+    return deltas
 
 
 def _chunk_for(rows: int, largest: int) -> int:
