@@ -118,18 +118,24 @@ def discover(
         try:
             circuit = methods.discover(
                 the_model, the_task, method, qkv_split=not per_head, internal_edges=internal_edges,
-                metric=metric, ablation=ablation, **opts,
+                metric=metric, ablation=ablation, score=False, **opts,
             )
         except (ValueError, KeyError) as err:
             _fail(str(err))
         bar.update(job, completed=circuit.graph.n_gates, total=circuit.graph.n_gates, kept=circuit.n_kept,
                    metric="done")
+    if out is not None:  # the search's result first: nothing after this may lose it
+        circuit.save(out)
+    skipped = methods.attach_reference_scores(circuit, the_task)
+    if out is not None and "auc" in circuit.extra:
+        circuit.save(out)
     console.print(circuit.summary())
     _print_reference(circuit)
+    if skipped is not None:
+        console.print(f"not scored against the canonical circuit: {skipped}", soft_wrap=True)
     if "summary" in circuit.extra:
         console.print(circuit.extra["summary"])
     if out is not None:
-        circuit.save(out)
         console.print(f"wrote {out}")
 
 
