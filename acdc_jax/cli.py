@@ -37,7 +37,9 @@ def _parse_options(pairs: list[str] | None, what: str) -> dict:
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # one line, brackets kept
     raise typer.Exit(code=2)
 
 
