@@ -104,7 +104,7 @@ def discover(
         opts["checkpoint"] = checkpoint
     unknown = sorted(set(opts) - set(accepted))
     if unknown:
-        _fail(f"method {method!r} has no option {', '.join(unknown)}; it takes {', '.join(p for p in accepted if p != 'problem')}")
+        _fail(f"method {method!r} has no option {', '.join(unknown)}; it takes {', '.join(p for p in accepted if p != 'problem' and not p.startswith('_'))}")
 
     console.print(f"[bold]{method}[/] on [bold]{the_task.name}[/] ({the_task.n_prompts} prompts) with "
                   f"{the_model.config.name or model_name}")
