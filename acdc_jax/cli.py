@@ -52,7 +52,9 @@ def _parse_options(pairs: list[str] | None, what: str) -> dict:
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # one line, brackets kept
     raise typer.Exit(code=2)
 
 
@@ -117,7 +119,7 @@ def discover(
         opts["checkpoint"] = checkpoint
     unknown = sorted(set(opts) - set(accepted))
     if unknown:
-        _fail(f"method {method!r} has no option {', '.join(unknown)}; it takes {', '.join(p for p in accepted if p != 'problem')}")
+        _fail(f"method {method!r} has no option {', '.join(unknown)}; it takes {', '.join(p for p in accepted if p != 'problem' and not p.startswith('_'))}")
 
     console.print(f"[bold]{method}[/] on [bold]{the_task.name}[/] ({the_task.n_prompts} prompts) with "
                   f"{the_model.config.name or model_name}")
@@ -133,18 +135,29 @@ def discover(
         try:
             circuit = methods.discover(
                 the_model, the_task, method, qkv_split=not per_head, internal_edges=internal_edges,
-                metric=metric, ablation=ablation, **opts,
+                metric=metric, ablation=ablation, score=False, **opts,
             )
         except (ValueError, KeyError) as err:
             _fail(str(err))
+        except KeyboardInterrupt:
+            bar.stop()
+            where = f"; the checkpoint {checkpoint} is written: run the same command to resume" if checkpoint else ""
+            console.print(f"interrupted{where}", soft_wrap=True)
+            raise typer.Exit(code=130)
         bar.update(job, completed=circuit.graph.n_gates, total=circuit.graph.n_gates, kept=circuit.n_kept,
                    metric="done")
+    if out is not None:  # the search's result first: nothing after this may lose it
+        circuit.save(out)
+    skipped = methods.attach_reference_scores(circuit, the_task)
+    if out is not None and "auc" in circuit.extra:
+        circuit.save(out)
     console.print(circuit.summary())
     _print_reference(circuit)
+    if skipped is not None:
+        console.print(f"not scored against the canonical circuit: {skipped}", soft_wrap=True)
     if "summary" in circuit.extra:
         console.print(circuit.extra["summary"])
     if out is not None:
-        circuit.save(out)
         console.print(f"wrote {out}")
 
 

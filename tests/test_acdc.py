@@ -1,6 +1,8 @@
 """ACDC: the batched implementation against a plain sequential loop, recovery of known circuits, resume."""
 
 import json
+import os
+import signal
 
 import equinox as eqx
 import jax
@@ -334,3 +336,28 @@ def test_node_patching_and_the_node_prepass():
     fast = acdc(problem, threshold=1e-3, node_prepass=1e-3)
     assert sorted(fast.kept) == sorted(PLANTED_EDGES)
     assert set(fast.extra["node_prepass"]["kept"]) == {"embed", "a0.0", "a1.0"}
+
+
+@pytest.mark.parametrize("signum, raised", [(signal.SIGTERM, SystemExit), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_signal_writes_the_checkpoint_before_exiting(tmp_path, signum, raised):
+    problem = _random_problem("attn-only", seed=3)
+    full = acdc(problem, threshold=0.01, max_batch=4)
+    calls = {"n": 0}
+
+    def signal_on_the_third_batch(_):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signum)
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    ckpt = tmp_path / "acdc.json"
+    with pytest.raises(raised) as caught:  # checkpoint_every=1e9: only the signal can write the checkpoint
+        acdc(problem, threshold=0.01, max_batch=4, checkpoint=ckpt, checkpoint_every=1e9, progress=signal_on_the_third_batch)
+    if raised is SystemExit:
+        assert caught.value.code == 143
+    assert {s: signal.getsignal(s) for s in before} == before  # the run's handlers are gone
+    saved = json.loads(ckpt.read_text())
+    assert not saved["finished"] and calls["n"] == 3
+    resumed = acdc(problem, threshold=0.01, max_batch=4, checkpoint=ckpt)
+    assert resumed.kept == full.kept
+    np.testing.assert_array_equal(resumed.scores, full.scores)

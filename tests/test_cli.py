@@ -82,3 +82,25 @@ def test_train_induction_rejects_bad_settings(tmp_path):
     result = runner.invoke(app, ["train-induction", "--out", str(tmp_path / "x"), "--batch-size", "0"])
     assert result.exit_code != 0
     assert "batch_size must be positive" in flat(result.output)
+
+
+def _tiny_gpt2_dir(path, n_positions=64):
+    """A random 1-layer GPT-2 with GPT-2's vocabulary (so IOI's prompts fit), saved by transformers."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=n_positions)).save_pretrained(path)
+    return path
+
+
+def test_discover_on_another_model_writes_the_circuit_and_skips_a_canonical_that_does_not_fit(tmp_path):
+    model_dir = _tiny_gpt2_dir(tmp_path / "tiny")
+    out = tmp_path / "circuit.json"
+    result = runner.invoke(app, ["discover", "--model", str(model_dir), "--task", "ioi", "--task-option", "n_prompts=4",
+                                 "--method", "eap", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.exception is None
+    assert "not scored against the canonical circuit" in flat(result.output)
+    data = json.loads(out.read_text())
+    assert data["task"] == "ioi" and "auc" not in data and len(data["edges"]) == data["n_edges_total"]

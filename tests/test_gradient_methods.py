@@ -460,18 +460,26 @@ def test_rank_agreement():
 def test_split_half_stability_keeps_groups_together():
     with jax.enable_x64(True):
         problem = _linear_problem()  # 4 prompts: two groups of 2, one per half
-        seen = []
+        seen, circuits = [], []
 
         def recording(half, **options):
             seen.append(np.asarray(half.run.tokens))
-            return eap(half, **options)
+            circuits.append(eap(half, **options))
+            return circuits[-1]
 
         result = split_half_stability(problem, recording, seeds=(0, 1), top_k=5, group_size=2)
     tokens = np.asarray(problem.run.tokens)
     halves = [{i for i in range(4) if any((t == tokens[i]).all() for t in half)} for half in seen]
     assert len(halves) == 4 and all(h in ({0, 1}, {2, 3}) for h in halves)
     assert halves[0] != halves[1] and halves[2] != halves[3]
-    assert len(result["spearman"]) == 2 and all(-1.0 <= s <= 1.0 for s in result["kendall"])
+    assert len(result["spearman"]) == 2 and len(result["kendall"]) == 2
+    from scipy import stats  # the agreement of each seed's two halves, computed here independently
+
+    for i in range(2):
+        a, b = circuits[2 * i].scores, circuits[2 * i + 1].scores
+        assert not np.isnan(a).any() and not np.isnan(b).any() and np.ptp(a) > 0 and np.ptp(b) > 0
+        assert result["kendall"][i] == pytest.approx(stats.kendalltau(a, b).statistic, abs=1e-12)
+        assert result["spearman"][i] == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
     print("\nsplit-half stability of EAP on the 4-prompt linear model:", result["mean"])
 
 

@@ -243,3 +243,30 @@ def test_bf16_safetensors_load_as_float32(hf_dir):
     np.testing.assert_array_equal(
         np.asarray(model.embed.W_E), hf.transformer.wte.weight.detach().float().numpy()
     )
+
+
+def _truncate(file: Path, keep: int = 40) -> None:
+    file.write_bytes(file.read_bytes()[:keep])
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin", "msgpack", "config"])
+def test_damaged_files_are_named_with_what_to_do(tmp_path, kind):
+    from typer.testing import CliRunner
+
+    from acdc_jax.cli import app
+
+    hf = _hf_model(HF_CONFIGS["untied-relu"])
+    dirs = _save_all_formats(hf, tmp_path)
+    if kind == "config":
+        directory, damaged = dirs["safetensors"], "config.json"
+        (directory / damaged).write_text('{"n_layer": 1, "n_head":')
+    else:
+        directory = dirs[kind]
+        damaged = {"safetensors": "model.safetensors", "bin": "pytorch_model.bin", "msgpack": "flax_model.msgpack"}[kind]
+        _truncate(directory / damaged)
+    with pytest.raises(LoadError, match=rf"{damaged} is damaged or truncated .*re-download it or save the model again"):
+        aj.load_model(directory)
+    result = CliRunner().invoke(app, ["info", "--model", str(directory)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and f"{damaged} is damaged or truncated" in lines[0], result.output

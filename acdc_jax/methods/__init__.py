@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 
 from ..evaluate import precision_recall, roc_auc
-from ..graph import Level
+from ..graph import GraphError, Level
 from ..models import Transformer, load_model
-from ..tasks import Task, get_task
+from ..tasks import Task, TaskError, get_task
 from ._circuit import Circuit
 from ._problem import Problem
 from .acdc import CheckpointMismatch, acdc, visit_order
@@ -98,6 +98,7 @@ def discover(
     internal_edges: bool = False,
     metric: str | None = None,
     ablation: str | None = None,
+    score: bool = True,
     **options,
 ) -> Circuit:
     """Run a discovery method by name on a model and task (each may be given by name).
@@ -106,7 +107,8 @@ def discover(
     ``internal_edges=True`` for ACDC's full graph). ``metric`` defaults to the task's discovery
     metric (KL for most tasks) for pruning methods and to the task's own metric for attribution
     methods; ``ablation`` defaults to the task's. When the task has a canonical circuit,
-    ``circuit.extra`` gets ``auc``, ``precision`` and ``recall`` against it.
+    ``circuit.extra`` gets ``auc``, ``precision`` and ``recall`` against it (``score=False``: not
+    yet; call ``attach_reference_scores`` later).
     """
     spec = get_method(method)
     task = get_task(task) if isinstance(task, str) else task
@@ -119,23 +121,35 @@ def discover(
     )
     circuit = spec.fn(problem, **options)
     circuit.method = spec.name
-    attach_reference_scores(circuit, task)
+    if score:
+        attach_reference_scores(circuit, task)
     return circuit
 
 
-def attach_reference_scores(circuit: Circuit, task: Task) -> None:
-    """Add ``auc``, ``precision`` and ``recall`` against the task's canonical circuit, when it has one."""
+def attach_reference_scores(circuit: Circuit, task: Task) -> str | None:
+    """Add ``auc``, ``precision`` and ``recall`` against the task's canonical circuit, when it has one.
+
+    A canonical circuit that does not fit the circuit's graph (it names heads another model lacks,
+    e.g. GPT-2 small's IOI heads on a smaller model) is skipped: the reason goes to
+    ``circuit.extra["reference_skipped"]`` and is returned.
+    """
     canonical = task.canonical
     if canonical is None or (circuit.graph.level == "edge" and not canonical.has_edges):
-        return
-    labels = canonical.labels(circuit.graph)
+        return None
+    try:
+        labels = canonical.labels(circuit.graph)
+    except (GraphError, TaskError) as err:
+        reason = err.args[0] if err.args else str(err)
+        circuit.extra["reference_skipped"] = reason
+        return reason
     if labels.all() or not labels.any():
-        return
+        return None
     circuit.extra["auc"] = roc_auc(circuit.scores, labels)
     precision, recall = precision_recall(circuit.kept_mask(), labels)
     circuit.extra["precision"] = precision
     circuit.extra["recall"] = recall
     circuit.extra["reference"] = {"ablation": canonical.ablation, "n_units": int(labels.sum()), "source": canonical.source}
+    return None
 
 
 __all__ = [

@@ -39,9 +39,12 @@ adaptive state, so a resumed run replays exactly the batches of an uninterrupted
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -210,6 +213,49 @@ def _write_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+class _SignalGuard:
+    """SIGINT/SIGTERM during a checkpointed run: note the signal, let ACDC finish the batch it is in,
+    write the checkpoint at the next consistent point (``stop_if_signalled``), then exit:
+    ``KeyboardInterrupt`` for SIGINT, ``SystemExit(143)`` for SIGTERM. A second signal exits at once.
+    The handlers are the run's own: the previous ones come back when ``acdc`` returns or raises."""
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.pending is not None:  # asked twice: stop now (the last checkpoint stays)
+            self._exit(signum)
+        self.pending = signum
+
+    @staticmethod
+    def _exit(signum: int, saved: str = "") -> None:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt(f"ACDC interrupted{saved}")
+        raise SystemExit(128 + signum)
+
+    def stop_if_signalled(self, save: Callable[[], None], where: str) -> None:
+        if self.pending is not None:
+            save()
+            self._exit(self.pending, f"; checkpoint written to {where}")
+
+
+def _saves_on_signal(fn):
+    @functools.wraps(fn)
+    def run(problem, *args, **kwargs):
+        if kwargs.get("checkpoint") is None or threading.current_thread() is not threading.main_thread():
+            return fn(problem, *args, **kwargs)
+        guard = _SignalGuard()
+        previous = {sig: signal.signal(sig, guard._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return fn(problem, *args, _guard=guard, **kwargs)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    return run
+
+
+@_saves_on_signal
 def acdc(
     problem: Problem,
     *,
@@ -222,6 +268,7 @@ def acdc(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 30.0,
     progress: Callable[[dict], None] | None = None,
+    _guard: _SignalGuard | None = None,
     node_prepass: float | None = None,
 ) -> Circuit:
     """Run ACDC on ``problem`` and return the pruned circuit.
@@ -236,7 +283,8 @@ def acdc(
       always included); other edges are ablated up front without evaluation (score NaN). Use the
       kept nodes of a node-level run to prune the search space.
     - ``checkpoint``: a JSON file written every ``checkpoint_every`` seconds and at the end; if it
-      exists from the same run, the run resumes from it.
+      exists from the same run, the run resumes from it. SIGINT or SIGTERM during the run writes
+      it at the end of the current batch and then exits (``KeyboardInterrupt``; exit code 143).
     - ``progress``: called after every batch with ``edges_done``, ``n_edges``, ``kept``, ``metric``.
     - ``node_prepass``: first run ACDC over nodes at this threshold and search only the edges
       between the nodes it keeps (a cheaper, non-exact first pass); its result is in
@@ -302,6 +350,8 @@ def acdc(
     def report(done: int):
         if progress is not None:
             progress({"edges_done": done, "n_edges": n, "kept": int(gates.sum()), "metric": _shown(problem, cur_loss)})
+        if _guard is not None:  # gates, scores and state agree here: a signal saves and exits
+            _guard.stop_if_signalled(save, str(ckpt_path))
 
     def save(final: bool = False):
         if ckpt_path is None:

@@ -150,16 +150,39 @@ def save_model(model: Transformer, path: str | os.PathLike) -> Path:
     return path
 
 
-def _load_own(path: Path, dtype) -> Transformer:
+def _damaged(file: Path, err: BaseException, remedy: str = "re-download it or save the model again") -> LoadError:
+    """The error for a weights or config file that cannot be parsed (truncated, corrupt, not that format)."""
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return LoadError(f"{file} is damaged or truncated ({detail}): {remedy}")
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _damaged(file, err, "it is not valid JSON; re-download it or save the model again") from err
+    if not isinstance(data, dict):
+        raise LoadError(f"{file} holds a JSON {type(data).__name__}, not an object: re-download it or save the model again")
+    return data
+
+
+def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
-    meta = json.loads((path / OWN_CONFIG_FILE).read_text())
+    try:
+        return load_file(str(file))
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ...: say which file
+        raise _damaged(file, err) from err
+
+
+def _load_own(path: Path, dtype) -> Transformer:
+    meta = _read_json(path / OWN_CONFIG_FILE)
     if meta.get("format") != "acdc-jax":
         raise LoadError(f"{path / OWN_CONFIG_FILE} is not an acdc-jax config (format={meta.get('format')!r})")
     weights = path / OWN_WEIGHTS_FILE
     if not weights.exists():
         raise LoadError(f"missing {weights}: an acdc-jax checkpoint needs {OWN_WEIGHTS_FILE} beside its config")
-    return build_model(TransformerConfig.from_dict(meta["config"]), load_file(str(weights)), dtype, f" in {weights}")
+    return build_model(TransformerConfig.from_dict(meta["config"]), _load_safetensors(weights), dtype, f" in {weights}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,7 +190,7 @@ def _load_own(path: Path, dtype) -> Transformer:
 
 
 def _load_tracr(path: Path, dtype) -> Transformer:
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = _read_json(path / "config.json")
     weights_file = path / "weights.npz"
     if not weights_file.exists():
         raise LoadError(f"missing {weights_file}: a tracr export needs weights.npz beside config.json")
@@ -189,7 +212,10 @@ def _load_tracr(path: Path, dtype) -> Transformer:
         tied_unembed=False,
         name=f"tracr-{cfg.get('task', path.name)}",
     )
-    w = dict(np.load(weights_file))
+    try:
+        w = dict(np.load(weights_file))
+    except Exception as err:  # noqa: BLE001 - BadZipFile, EOFError, ValueError, ...
+        raise _damaged(weights_file, err, "re-export it") from err
     L = config.n_layers
 
     def stack(fmt):
@@ -357,7 +383,7 @@ def _read_hf_weights(path: Path) -> tuple[dict[str, np.ndarray], str]:
     if index.exists():
         from safetensors.numpy import load_file
 
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
         state = {}
         for shard in shards:
             state |= _read_safetensors(path / shard, load_file)
@@ -367,7 +393,12 @@ def _read_hf_weights(path: Path) -> tuple[dict[str, np.ndarray], str]:
     if (path / "flax_model.msgpack").exists():
         from flax import serialization
 
-        tree = serialization.msgpack_restore((path / "flax_model.msgpack").read_bytes())
+        try:
+            tree = serialization.msgpack_restore((path / "flax_model.msgpack").read_bytes())
+        except Exception as err:  # noqa: BLE001 - msgpack's ExtraData, ValueError, ...
+            raise _damaged(path / "flax_model.msgpack", err) from err
+        if not isinstance(tree, dict):
+            raise LoadError(f"{path / 'flax_model.msgpack'} does not hold a parameter tree: re-download it or save the model again")
         return _flax_tree_to_hf_names(tree), "flax_model.msgpack"
     present = sorted(p.name for p in path.iterdir())
     refused = [p for p in present if p.endswith((".h5", ".ckpt", ".pt", ".pth", ".pkl"))]
@@ -384,7 +415,12 @@ def _read_safetensors(file: Path, load_file) -> dict[str, np.ndarray]:
     except (TypeError, ValueError):  # bf16 has no numpy dtype: go through flax's reader
         from safetensors.flax import load_file as load_jax
 
-        return {k: np.asarray(v.astype(jnp.float32)) for k, v in load_jax(str(file)).items()}
+        try:
+            return {k: np.asarray(v.astype(jnp.float32)) for k, v in load_jax(str(file)).items()}
+        except Exception as err:  # noqa: BLE001 - a damaged file fails here too
+            raise _damaged(file, err) from err
+    except Exception as err:  # noqa: BLE001 - SafetensorError ("invalid header length"), OSError
+        raise _damaged(file, err) from err
 
 
 def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
@@ -394,19 +430,23 @@ def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
         raise LoadError(
             f"reading {file.name} needs torch (pip install torch==2.13.0), or convert it to model.safetensors"
         ) from err
+    import pickle
+
     try:
         state = torch.load(str(file), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError and friends
+    except pickle.UnpicklingError as err:  # weights_only refused an object
         raise LoadError(
             f"refusing to load {file}: it is not a plain tensor state dict loadable with weights_only=True ({err})"
         ) from err
+    except Exception as err:  # noqa: BLE001 - a truncated zip, EOFError, ...
+        raise _damaged(file, err) from err
     if not isinstance(state, dict):
         raise LoadError(f"{file} holds a {type(state).__name__}, not a state dict")
     return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
 
 
 def _load_hf(path: Path, dtype) -> Transformer:
-    hf = json.loads((path / "config.json").read_text())
+    hf = _read_json(path / "config.json")
     config = hf_config_to_ours(hf, name=hf.get("_name_or_path") or path.name)
     state, file_name = _read_hf_weights(path)
     arrays = hf_state_dict_to_ours(config, state, where=f" in {path / file_name}")
