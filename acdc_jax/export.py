@@ -697,8 +697,29 @@ def infer_d_model(circuit: Circuit) -> int | None:
     return None
 
 
-def to_mib(circuit: Circuit, *, d_model: int | None = None) -> dict:
-    """The circuit as an EAP-IG graph JSON for MIB's circuit-localization track (module docstring)."""
+MIB_SCORE_CONVENTION = (
+    "EAP-IG library / MIB: score = (corrupted - clean activation) . d(-metric)/d(input), the metric being MIB's "
+    "loss (minus the logit or probability difference) averaged over each batch, summed over batches and divided by "
+    "the number of prompts: this project's score (~ metric(full) - metric(edge ablated), same sign) divided by the "
+    "prompts per batch"
+)
+
+
+def to_mib(circuit: Circuit, *, d_model: int | None = None, prompts_per_batch: int = 1) -> dict:
+    """The circuit as an EAP-IG graph JSON for MIB's circuit-localization track (module docstring).
+
+    **Scores are written in MIB's sign and scale.** The EAP-IG library that MIB runs gives its
+    attribution a loss (``loss=True``: minus the logit difference, the metric negated) averaged
+    over each batch, accumulates ``(x~ - x) . grad`` over batches and divides by the number of
+    prompts. Its sign is therefore this project's (positive = the edge supports the clean
+    behaviour, ~ ``metric(full) - metric(without edge)``) and its scale is ours divided by the
+    prompts per batch (MIB's ``run_attribution`` uses batches of 20; one batch of all prompts:
+    their number). ``mib_score = score / prompts_per_batch``; the factor is recorded in the
+    ``acdc_jax`` block (``score_convention``), and ``from_mib`` multiplies it back.
+    """
+    if int(prompts_per_batch) < 1:
+        raise ExportError(f"prompts_per_batch must be a positive int, got {prompts_per_batch!r}")
+    divisor = float(int(prompts_per_batch))
     graph = circuit.graph
     if not graph.has_mlp:
         raise ExportError("MIB's graph (EAP-IG) has an MLP in every layer; an attention-only model cannot be written in it")
@@ -726,7 +747,7 @@ def to_mib(circuit: Circuit, *, d_model: int | None = None) -> dict:
     for node, score, k in zip(graph.sources, circuit.scores.tolist(), node_kept):
         entry = {"in_graph": k if node_level else node in touched}
         if node_level:
-            entry["score"] = 0.0 if math.isnan(score) else score
+            entry["score"] = 0.0 if math.isnan(score) else score / divisor
             if math.isnan(score):
                 unscored.append(node)
         nodes[_mib_node(node)] = entry
@@ -737,6 +758,7 @@ def to_mib(circuit: Circuit, *, d_model: int | None = None) -> dict:
             if not node_level:
                 unscored.append(name)
             score = 0.0  # MIB ranks scores, and NaN would rank first
+        score = score / divisor
         parent = _mib_node(src)
         for child in _mib_children(dst):
             edges[f"{parent}->{child}"] = {"score": score, "in_graph": k}
@@ -744,7 +766,9 @@ def to_mib(circuit: Circuit, *, d_model: int | None = None) -> dict:
         "cfg": {"n_layers": graph.n_layers, "n_heads": graph.n_heads, "parallel_attn_mlp": False, "d_model": int(d_model)},
         "nodes": nodes,
         "edges": edges,
-        "acdc_jax": _metadata(circuit, unscored=unscored),
+        "acdc_jax": _metadata(circuit, unscored=unscored, score_convention={
+            "scores": "MIB", "prompts_per_batch": int(prompts_per_batch), "mib_score": "score / prompts_per_batch",
+            "description": MIB_SCORE_CONVENTION}),
     }
 
 
@@ -764,9 +788,12 @@ def _from_mib_node(name: str) -> str:
     return "embed" if name == "input" else "logits"
 
 
-def from_mib(data: dict, *, level: str | None = None) -> Circuit:
+def from_mib(data: dict, *, level: str | None = None, prompts_per_batch: int | None = None) -> Circuit:
     """A circuit from an EAP-IG / MIB graph JSON. ``level`` (``"edge"`` or ``"node"``; default: the
-    file's acdc_jax block, else ``"edge"``) says whether edge or node scores make the circuit."""
+    file's acdc_jax block, else ``"edge"``) says whether edge or node scores make the circuit.
+
+    Scores come back in this project's convention: the file's MIB scores times ``prompts_per_batch``
+    (default: the factor our block records, else 1; see ``to_mib``; the sign is the same)."""
     missing = [k for k in ("cfg", "nodes", "edges") if k not in data]
     if missing:
         raise ExportError(f"not a MIB / EAP-IG graph JSON: missing {', '.join(missing)}")
@@ -786,12 +813,15 @@ def from_mib(data: dict, *, level: str | None = None) -> Circuit:
     if graph.internal_edges:
         raise ExportError("MIB graphs have no internal edges")
     unscored = set((meta or {}).get("unscored", []))
+    if prompts_per_batch is None:
+        prompts_per_batch = int(((meta or {}).get("score_convention") or {}).get("prompts_per_batch", 1))
+    factor = float(prompts_per_batch)
     if graph.level == "node":
         scores, kept = [], []
         for node in graph.sources:
             entry = data["nodes"].get(_mib_node(node), {})
             score = entry.get("score")
-            scores.append(math.nan if node in unscored or score is None else float(score))
+            scores.append(math.nan if node in unscored or score is None else float(score) * factor)
             kept.append(bool(entry.get("in_graph", False)))
         return _assemble(graph, np.array(scores), np.array(kept), meta, "mib")
     position = _edge_position(graph)
@@ -807,7 +837,7 @@ def from_mib(data: dict, *, level: str | None = None) -> Circuit:
         if ours not in position:
             raise _unknown_edge(graph, f"MIB edge {name!r}", ours)
         positions.append(position[ours])
-        values.append(math.nan if entry.get("score") is None else float(entry["score"]))
+        values.append(math.nan if entry.get("score") is None else float(entry["score"]) * factor)
         flags.append(bool(entry.get("in_graph", False)))
     scores, kept = _scatter(graph, positions, values, flags)
     for name in unscored:

@@ -357,3 +357,19 @@ def test_cli_export_errors_say_what_to_do(tmp_path):
     assert_same_circuit(ex.read_circuit(tmp_path / "f.json"), ex.fold_internal_edges(circuit))
     missing = runner.invoke(app, ["export", str(tmp_path / "nope.json"), "--format", "acdc", "-o", str(tmp_path / "y.json")])
     assert missing.exit_code == 2 and "cannot read the circuit" in missing.output
+
+
+def test_mib_scores_are_written_in_mib_scale_and_read_back_in_ours():
+    """MIB's score is ours (same sign) divided by the prompts per batch; from_mib multiplies it back."""
+    circuit = random_circuit(GPT2_EDGES, seed=8, nan_fraction=0.0)
+    doc = through_json(ex.to_mib(circuit, prompts_per_batch=20))
+    assert doc["acdc_jax"]["score_convention"]["prompts_per_batch"] == 20
+    i = GPT2_EDGES.index("a0.1->a3.2.q")
+    assert doc["edges"]["a0.h1->a3.h2<q>"]["score"] == circuit.scores[i] / 20
+    assert doc["edges"]["input->m0"]["score"] == circuit.scores[GPT2_EDGES.index("embed->mlp0")] / 20
+    back = ex.from_mib(doc)
+    np.testing.assert_allclose(back.scores, circuit.scores, rtol=1e-15)
+    assert back.kept == circuit.kept
+    del doc["acdc_jax"]  # MIB's own files: say the batch size they were attributed with
+    np.testing.assert_allclose(ex.from_mib(doc, prompts_per_batch=20).scores, circuit.scores, rtol=1e-15)
+    np.testing.assert_allclose(ex.from_mib(doc).scores, circuit.scores / 20, rtol=1e-15)

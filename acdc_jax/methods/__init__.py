@@ -21,6 +21,7 @@ from .path_patching import Path, path_patching
 from .atp_star import atp_star
 from .eap import eap
 from .eap_ig import eap_ig
+from .eap_ig_activations import eap_ig_activations
 from .exact import exact_patching
 from .hisp import hisp
 from .stability import rank_agreement, split_half_stability
@@ -80,6 +81,14 @@ register_method(MethodSpec("eap-ig", eap_ig, "edge", False, "EAP-IG: gate gradie
 register_method(MethodSpec(
     "eap-ig-inputs", functools.partial(eap_ig, variant="inputs"), "edge", False,
     "EAP-IG over inputs: gradients along the embedding interpolated from ablated to clean",
+))
+register_method(MethodSpec(
+    "eap-ig-activations", eap_ig_activations, "edge", False,
+    "EAP-IG over activations (the EAP-IG library's, as MIB runs it): each source group mixed clean/ablated in turn",
+))
+register_method(MethodSpec(
+    "eap-ig-activations-own", functools.partial(eap_ig_activations, groups="own"), "edge", False,
+    "EAP-IG over activations, each edge integrated along its own source group only",
 ))
 register_method(MethodSpec("atp-star", atp_star, "edge", False, "AtP*: EAP with the QK fix and GradDrop"))
 register_method(MethodSpec("hisp", hisp, "node", False, "HISP: mean absolute per-prompt gradient of node gates"))
@@ -164,6 +173,7 @@ __all__ = [
     "discover",
     "eap",
     "eap_ig",
+    "eap_ig_activations",
     "exact_patching",
     "get_method",
     "hisp",
