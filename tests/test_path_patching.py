@@ -151,3 +151,92 @@ def test_path_patching_through_discover_and_its_errors():
     bad = Task(**{**task.__dict__, "labels": shifted})
     with pytest.raises(ValueError, match="label 'END' sits at different positions"):
         path_patching(Problem.build(model, bad), threshold=0.1)
+
+
+def _reference_path_patching(model, graph, task, cut, corrupt_values, labels):
+    """Plain float64 top-down path patching, one patched forward per path (pass 1) and one per
+    measurement through the found edges (pass 2), nodes in exact reverse topological order."""
+    n_pos = task.clean.shape[1]
+
+    def loss(logits):
+        last = logits[np.arange(len(task.clean)), task.positions[:, 0]]
+        picked = np.take_along_axis(last, task.answers, 1) - np.take_along_axis(last, task.wrong_answers, 1)
+        return -picked.mean()
+
+    ones = np.ones((n_pos, graph.n_gates))
+    clean_logits, clean_values = reference.gated_logits(model, graph, task.clean, ones, corrupt_values, return_sources=True)
+    ref_loss = loss(clean_logits)
+    order = ["logits"] + list(graph.sources[::-1])  # reverse topological
+    frontier = {name: set() for name in order}
+    frontier["logits"] = {int(p) for p in task.positions[0]}
+    found = {}  # (src, dst input, position) -> effect
+    causal = model.config.causal
+    for node in order:
+        for pos in sorted(frontier[node], reverse=True):
+            if node == "logits" or node.startswith("mlp"):
+                inputs = [(node, pos)]
+            else:
+                earlier = sorted({p for p in labels.values() if p <= pos or not causal})
+                inputs = [(f"{node}.q", pos)] + [(f"{node}.{t}", p) for t in "kv" for p in earlier]
+            for dst, p in inputs:
+                for src in graph.sources_of(dst):
+                    first = ones.copy()
+                    first[p, graph.index(f"{src}->{dst}")] = 0.0
+                    if node == "logits":
+                        effect = loss(reference.gated_logits(model, graph, task.clean, first, corrupt_values)) - ref_loss
+                    else:
+                        _, sources = reference.gated_logits(model, graph, task.clean, first, corrupt_values, return_sources=True)
+                        r = graph.sources.index(node)
+                        second = np.zeros((n_pos, graph.n_gates))
+                        for e, name in enumerate(graph.edges):
+                            if graph.split_edge(name)[0] == node:
+                                second[:, e] = 1.0
+                        for (s, d, q) in found:
+                            second[q, graph.index(f"{s}->{d}")] = 0.0 if s == node else 1.0
+                        swapped = clean_values.copy()
+                        swapped[r] = sources[r]
+                        effect = (loss(reference.gated_logits(model, graph, task.clean, second, swapped))
+                                  - loss(reference.gated_logits(model, graph, task.clean, second, clean_values)))
+                    if abs(effect) >= cut:
+                        found[(src, dst, p)] = effect
+                        if src != "embed":
+                            frontier[src].add(p)
+    return found
+
+
+@pytest.mark.parametrize("seed", [1])
+def test_path_patching_equals_an_independent_float64_reference(seed):
+    """Random 2-layer models with LayerNorm and MLPs (heads of a layer feed its MLP, so the expansion
+    order matters): the same kept (edge, position) set and every kept path's effect to 1e-6."""
+    with jax.enable_x64(True):
+        model = aj.init_model(TINY_CONFIGS["gpt2-like"], jax.random.PRNGKey(seed), std=0.5).astype(jnp.float64)
+        task = _logit_diff_task(model.config, n_prompts=3, seed=seed)
+        problem = Problem.build(model, task, metric="logit_diff")
+        circuit = path_patching(problem, threshold=0.03, relative=True)
+        labels = {name: int(v[0]) for name, v in task.labels.items()}
+        expected = _reference_path_patching(model, problem.graph, task, circuit.settings["cut"],
+                                            np.asarray(problem.run.ablation.values), labels)
+        got = {(p["senders"][0], p["receiver"], p["position"]): p["effect"] for p in circuit.extra["paths"]}
+        assert len(got) == len(circuit.extra["paths"])  # every path measured once
+        assert any(d.startswith("mlp1") and s.startswith("a1.") for s, d, _ in expected)  # head -> MLP of its layer
+        assert sorted(got) == sorted(expected)
+        for key, effect in expected.items():
+            np.testing.assert_allclose(got[key], effect, rtol=1e-6, atol=1e-9, err_msg=str(key))
+        # scores rank by |effect| (the largest over positions); the signed effect is kept alongside
+        assert min(expected.values()) < 0 < max(expected.values())
+        for edge in {f"{s}->{d}" for s, d, _ in expected}:
+            effects = [e for (s, d, _), e in expected.items() if f"{s}->{d}" == edge]
+            strongest = max(effects, key=abs)
+            np.testing.assert_allclose(circuit.score(edge), abs(strongest), rtol=1e-6)
+            np.testing.assert_allclose(circuit.extra["signed_scores"][edge], strongest, rtol=1e-6)
+
+
+def test_truncation_is_recorded_and_unknown_labels_are_rejected():
+    model, task = _distributed_model(n_heads=2)
+    problem = Problem.build(model, task, metric="logit_diff")
+    with pytest.raises(ValueError, match=r"unknown position label\(s\) \['S2'\]; the task's labels are \['END'\]"):
+        path_patching(problem, threshold=0.5, positions=["END", "S2"])
+    with pytest.warns(UserWarning, match="truncated"):
+        circuit = path_patching(problem, threshold=0.5, max_nodes=1)
+    assert circuit.extra["truncated"] is True
+    assert path_patching(problem, threshold=0.5).extra["truncated"] is False

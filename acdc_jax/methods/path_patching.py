@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -169,13 +170,26 @@ def path_patching(
                 effects.append(np.asarray(losses, np.float64)[: len(part)] - reference)
         return np.concatenate(effects)
 
-    while frontier and len(expanded) < max_nodes:
-        frontier.sort(key=lambda node: (-_node_layer(node[0], cfg.n_layers), -node[1], node[0]))
+    # Exact reverse topological order: a node is expanded only after every node that reads it (the
+    # MLP of a layer reads that layer's heads, so it goes first), so all of its found out-edges are
+    # known when its inputs are measured; within a component, later positions first.
+    topo = {name: i for i, name in enumerate(graph.sources)}
+    topo["logits"] = len(graph.sources)
+    evaluated: set[tuple[str, int]] = set()  # destination inputs already measured (a path is measured once)
+    truncated = False
+    while frontier:
+        frontier.sort(key=lambda node: (-topo[node[0]], -node[1]))
         node, pos = frontier.pop(0)
         if (node, pos) in expanded:
             continue
+        if len(expanded) >= max_nodes:
+            truncated = True
+            break
         expanded.add((node, pos))
         for dst, p in _inputs_of(node, pos, labels, cfg.causal, n_pos):
+            if (dst, p) in evaluated:
+                continue
+            evaluated.add((dst, p))
             sources = graph.sources_of(dst)
             edge_of = {s: graph.edge_index(f"{s}->{dst}") for s in sources}
             kept_groups = _search(
@@ -192,11 +206,17 @@ def path_patching(
                         frontier.append((s, p))
                 paths.append(Path(tuple(group), dst, int(p), label_of.get(p, f"pos{p}"), float(effect)))
 
-    scores = np.full(graph.n_gates, np.nan)
-    for (e, _), effect in tested.items():
-        scores[e] = effect if np.isnan(scores[e]) else max(scores[e], effect)
-    for (e, _), effect in found.items():
-        scores[e] = effect if np.isnan(scores[e]) else max(scores[e], effect)
+    if truncated:
+        warnings.warn(f"path patching stopped after max_nodes={max_nodes} expanded nodes; the circuit is truncated "
+                      "(circuit.extra['truncated'])", stacklevel=2)
+    # An edge's score is its largest |effect| over positions (a strongly negative edge matters as much
+    # as a strongly positive one); the signed effect at that position is kept in extra["signed_scores"].
+    signed = np.full(graph.n_gates, np.nan)
+    for table in (tested, found):
+        for (e, _), effect in table.items():
+            if np.isnan(signed[e]) or abs(effect) > abs(signed[e]):
+                signed[e] = effect
+    scores = np.abs(signed)
     kept = tuple(graph.edges[e] for e in sorted({e for e, _ in found}))
     groups = _group_heads(paths, similarity)
     circuit_gates = np.zeros(graph.n_gates, np.float32)
@@ -212,6 +232,8 @@ def path_patching(
         settings={"threshold": threshold, "relative": relative, "grouped": grouped, "cut": cut,
                   "labels": labels, "similarity": similarity},
         extra={
+            "truncated": truncated,
+            "signed_scores": {graph.edges[e]: float(signed[e]) for e in range(graph.n_gates) if not np.isnan(signed[e])},
             "paths": [p.to_dict() for p in paths],
             "composition": {c: sum(p.composition == c for p in paths) for c in ("direct", "q", "k", "v", "mlp")},
             "head_groups": groups,
@@ -280,16 +302,15 @@ def _inputs_of(node: str, pos: int, labels: dict[str, int], causal: bool, n_pos:
     return [(f"{node}.q", pos)] + [(f"{node}.{t}", p) for t in ("k", "v") for p in earlier]
 
 
-def _node_layer(node: str, n_layers: int) -> int:
-    if node == "logits":
-        return n_layers
-    return int(node[1:].split(".")[0]) if node.startswith("a") else int(node[3:])
-
-
 def _aligned_labels(problem: Problem, wanted) -> dict[str, int]:
     tokens = problem.run.tokens
     n_pos = tokens.shape[1]
     task_labels = problem.labels
+    if wanted is not None:
+        unknown = [w for w in wanted if w not in (task_labels or {})]
+        if unknown:
+            raise ValueError(f"unknown position label(s) {unknown}; the task's labels are {sorted(task_labels or {})}"
+                             + ("" if task_labels else " (none: every position is searched)"))
     if not task_labels:
         return {f"pos{p}": p for p in range(n_pos)}
     out = {}
