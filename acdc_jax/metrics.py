@@ -183,6 +183,19 @@ def get_metric(name: str | Metric, **options) -> Metric:
 # - ``flip``: ``(LD + LD_clean)^2``, the squared distance of the logit difference from the mirror
 #   image of the clean model's. Maximally wrong: 0, the preference reversed at the same margin.
 # - ``logit_diff``: ``LD`` itself, unbounded below (the plain logit difference, for comparison).
+# The following read every read position (weighted by ``read_mask``, as ``kl``), so they also run
+# on tasks without wrong answers (tracr, induction); their targets come from the clean logits ``z``
+# (constants: no gradient flows through them); ``p = softmax(logits)``:
+# - ``most_dissimilar``: ``-log p(t)`` with ``t = argmin z``, the token the clean model finds least
+#   likely (the "most dissimilar token" by logit). Maximally wrong: all probability on ``t``.
+# - ``inverse``: ``KL(q || p)`` with ``q = softmax(-z)``, the inverted clean distribution (the
+#   "inverse of the logits"). Maximally wrong: ``p = q``, the clean ranking reversed.
+# - ``semantic``: ``-log p(W)``, the total probability of the task's own wrong answers ``W``:
+#   ``wrong_mask`` (Greater-Than: years <= YY), else ``wrong_answers`` (IOI: the other name,
+#   Docstring: the wrong arguments; then it equals ``ce``), else, with one answer per read position
+#   (induction), the clean model's most likely non-answer token there; else (tracr: no answers)
+#   the output the clean model ranks lowest (as ``most_dissimilar``). Maximally wrong: all
+#   probability on the wrong answers.
 
 
 def _answer_logit_pair(logits, inputs: MetricInputs) -> tuple[Array, Array]:
@@ -217,17 +230,54 @@ def wrong_answer_logit_diff(logits, inputs: MetricInputs):
     return (right - wrong).mean()
 
 
+def _reads_logp(logits):
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
+def wrong_answer_most_dissimilar(logits, inputs: MetricInputs):
+    target = jnp.argmin(inputs.clean_logits, axis=-1)
+    picked = jnp.take_along_axis(_reads_logp(logits), target[..., None], axis=-1)[..., 0]
+    return -_mean_over_reads(picked, inputs)
+
+
+def wrong_answer_inverse(logits, inputs: MetricInputs):
+    log_q = jax.nn.log_softmax(-inputs.clean_logits, axis=-1)
+    kl = (jnp.exp(log_q) * (log_q - _reads_logp(logits))).sum(-1)
+    return _mean_over_reads(kl, inputs)
+
+
+def wrong_answer_semantic(logits, inputs: MetricInputs):
+    logp = _reads_logp(logits)
+    if inputs.wrong_mask is not None:
+        last = logp[:, -1, :]
+        return -jax.nn.logsumexp(jnp.where(inputs.wrong_mask, last, -jnp.inf), axis=-1).mean()
+    if inputs.wrong_answers is not None:
+        picked = jnp.take_along_axis(logp[:, -1, :], inputs.wrong_answers, axis=-1)
+        return -jax.nn.logsumexp(picked, axis=-1).mean()
+    clean = inputs.clean_logits
+    if inputs.answers is not None and inputs.answers.shape[1] == logits.shape[1]:
+        is_answer = jax.nn.one_hot(inputs.answers, clean.shape[-1], dtype=bool)
+        target = jnp.argmax(jnp.where(is_answer, -jnp.inf, clean), axis=-1)
+    else:
+        target = jnp.argmin(clean, axis=-1)
+    picked = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+    return -_mean_over_reads(picked, inputs)
+
+
 _WRONG_ANSWER_LOSSES = {
     "mse": (wrong_answer_mse, "(logit(answer) - logit(wrong))^2; 0 when the two answers are indistinguishable"),
     "ce": (wrong_answer_ce, "-log p(wrong answers); 0 when all probability is on the wrong answer"),
     "flip": (wrong_answer_flip, "(LD + LD_clean)^2; 0 when the logit difference is mirrored"),
     "logit_diff": (wrong_answer_logit_diff, "logit(answer) - logit(wrong), unbounded below"),
+    "most_dissimilar": (wrong_answer_most_dissimilar, "-log p(argmin clean logit); 0 when all probability is on it"),
+    "inverse": (wrong_answer_inverse, "KL(softmax(-z_clean) || p); 0 when the clean distribution is inverted"),
+    "semantic": (wrong_answer_semantic, "-log p(the task's wrong answers); 0 when all probability is on them"),
 }
 WRONG_ANSWER_LOSSES = tuple(_WRONG_ANSWER_LOSSES)
 
 
 def wrong_answer_loss(name: str) -> Metric:
-    """A wrong-answer loss by name (``mse``, ``ce``, ``flip``, ``logit_diff``) as a higher-is-better ``Metric``."""
+    """A wrong-answer loss by name (one of ``WRONG_ANSWER_LOSSES``) as a higher-is-better ``Metric``."""
     if name not in _WRONG_ANSWER_LOSSES:
         close = difflib.get_close_matches(name, WRONG_ANSWER_LOSSES, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""

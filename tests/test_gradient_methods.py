@@ -436,7 +436,7 @@ def _swapped_pairs_task():
 def test_wrong_answer_method_on_swapped_pairs():
     task = _swapped_pairs_task()
     circuit = discover(planted_model(), task, method="wrong-answer", pairs=True, top_n=7)
-    assert circuit.settings["paired"] and circuit.metric == "wrong_answer_mse"
+    assert circuit.settings["paired"] and circuit.metric == "logit_diff" and circuit.settings["loss"] == "mse"
     assert {"embed->a1.0.v", "a1.0->logits"} <= set(circuit.kept)  # the unsaturated direct path
     print(f"\nplanted swapped pairs, wrong-answer (mse): AUC {circuit.extra['auc']:.3f}")
     with pytest.raises(ValueError, match="swapped prompt pairs"):

@@ -4,9 +4,31 @@ The proposal: on a prompt pair whose correct answers are swapped (IOI: "..., Mar
 to" / "..., John gave a drink to"), take the MSE between the two answer logits at the last
 position, summed over both prompts; its minimum is an output that cannot tell the answers apart,
 and its gradient with respect to the gates at 1 points toward that "maximally wrong" output.
-``acdc_jax.metrics.wrong_answer_loss`` defines it (``"mse"``) and three alternatives (``"ce"``:
-cross-entropy toward the wrong answer, ``"flip"``: distance to the mirrored logit difference,
-``"logit_diff"``), each a higher-is-better ``Metric`` ``W`` whose minimum is its notion of wrong.
+``acdc_jax.metrics.wrong_answer_loss`` defines it (``"mse"``) and the proposal's other
+candidates, each a higher-is-better ``Metric`` ``W`` whose minimum is its notion of wrong
+(definitions in ``acdc_jax.metrics``): ``ce`` (cross-entropy toward the wrong answer), ``flip``
+(distance to the mirrored logit difference), ``logit_diff``, ``most_dissimilar`` (cross-entropy
+toward the token with the lowest clean logit), ``inverse`` (KL from ``softmax(-z_clean)``) and
+``semantic`` (cross-entropy toward the task's own wrong answers: IOI's other name, Greater-Than's
+years <= YY from ``wrong_mask``, induction's most likely non-answer token, tracr's lowest-ranked
+output).
+
+**What each reduces to at gates 1.** A gate score is ``sum_reads dW/dz . dz/dg`` (``z`` the
+logits), so every definition is EAP with the metric ``W``; per prompt, with ``LD`` its clean
+logit difference and ``p`` its clean softmax:
+- ``logit_diff``: exactly EAP with the logit-difference metric.
+- ``mse``: EAP(logit_diff) reweighted per prompt by ``2 LD`` (prompts the model is sure of weigh more).
+- ``flip``: ``d/dLD (LD + LD_clean)^2 = 4 LD`` at the clean model: exactly 2x ``mse``.
+- ``ce``: EAP with ``log p(wrong)``, i.e. ``dW/dz = p - onehot(wrong)`` (not a reweighting of EAP(logit_diff)).
+- ``semantic``: equals ``ce`` on tasks with ``wrong_answers`` (IOI, Docstring); on Greater-Than
+  ``dW/dz = p - p 1_W / p(W)`` (the probability of years <= YY); on induction/tracr it is
+  ``most_dissimilar``'s form with another target.
+- ``most_dissimilar``: ``dW/dz = p - onehot(argmin z)``, per read position.
+- ``inverse``: ``dW/dz = p - softmax(-z)``, per read position; EAP with a cross-entropy to the
+  inverted distribution, no task-metric EAP.
+
+``metric_value`` (with ``top_n`` or ``threshold``) is the **task's** metric of the pruned circuit,
+and ``circuit.metric`` names it; the loss scored is ``settings["loss"]``.
 
 **Edge scores.** ``score_e = dW / d g_e`` at all gates 1 (= ``-(d loss / d g_e)`` with
 ``loss = -W``, as in ``eap``): the first-order estimate of ``W(full) - W(edge ablated)``.
@@ -44,7 +66,7 @@ from ..metrics import wrong_answer_loss
 from ..models import forward
 from ..patching import GatedRun
 from ._circuit import Circuit
-from ._gradients import attribution_circuit, pullback
+from ._gradients import attribution_circuit, computation, pullback
 from ._problem import Problem
 from .eap import gate_gradients
 
@@ -109,12 +131,16 @@ def wrong_answer(
 ) -> Circuit:
     """Wrong-answer gradient scores for every gate unit (see the module docstring).
 
-    ``loss`` picks the wrong-answer loss (``mse``, ``ce``, ``flip``, ``logit_diff``); the problem's
-    own metric is not used. ``weights=True`` adds per-node weight-gradient scores to
+    ``loss`` picks the wrong-answer loss (``acdc_jax.metrics.WRONG_ANSWER_LOSSES``); the problem's
+    own metric is used only for ``metric_value``. ``weights=True`` adds per-node weight-gradient scores to
     ``circuit.extra["weight_scores"]``. ``absolute``, ``top_n``, ``threshold``, ``chunk_size`` as in ``eap``.
     """
-    if problem.inputs.answers is None or problem.inputs.wrong_answers is None:
-        raise ValueError(f"wrong-answer gradients need a task with answers and wrong_answers; {problem.task_name!r} has none")
+    needs_answers = loss in ("mse", "ce", "flip", "logit_diff")
+    if needs_answers and (problem.inputs.answers is None or problem.inputs.wrong_answers is None):
+        raise ValueError(
+            f"the {loss!r} wrong-answer loss needs a task with answers and wrong_answers; {problem.task_name!r} has none "
+            "(most_dissimilar, inverse and semantic run on every task)"
+        )
     paired = is_swapped_pairs(problem)
     if pairs and not paired:
         raise ValueError(
@@ -122,6 +148,7 @@ def wrong_answer(
             "(build the task with pairs=True)"
         )
     started = time.perf_counter()
+    task_problem = problem
     problem = problem.with_metric(wrong_answer_loss(loss))
     dtype = problem.model.dtype
     signed = -gate_gradients(problem, problem.graph.gates(1.0, dtype)[None], chunk_size=chunk_size)[0]
@@ -132,7 +159,7 @@ def wrong_answer(
         scores = node_weight_scores(problem, grads)
         scores["saliency"] = {k: -v for k, v in scores["saliency"].items()}
         extra["weight_scores"] = scores
-    return attribution_circuit(
+    circuit = attribution_circuit(
         problem,
         "wrong-answer",
         signed,
@@ -143,3 +170,11 @@ def wrong_answer(
         settings={"loss": loss, "weights": bool(weights), "paired": paired, "ablation": problem.ablation},
         extra=extra,
     )
+    # report the pruned circuit in the task's metric: the wrong-answer losses are symmetric
+    # (an inverted circuit can score as well as a correct one)
+    circuit.metric = task_problem.metric.name
+    circuit.settings["metric_options"] = [list(o) for o in task_problem.metric.options]
+    if circuit.metric_value is not None:
+        gates = task_problem.graph.gates_from_names(circuit.kept, task_problem.model.dtype)
+        circuit.metric_value = computation(task_problem).evaluate(gates)
+    return circuit
