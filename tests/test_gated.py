@@ -117,11 +117,13 @@ def test_node_gates_equal_their_expanded_edge_gates(tiny_model):
 
 @pytest.mark.parametrize("graph_kind", ["qkv", "node"])
 def test_vmap_over_gate_configurations_equals_loop(tiny_model, graph_kind):
-    run, _, _ = _run(tiny_model, graph_kind)
-    gates = jax.random.uniform(jax.random.PRNGKey(7), (16, run.graph.n_gates))
-    looped = np.stack([np.asarray(run(g)) for g in gates])
-    np.testing.assert_allclose(run.batched(gates), looped, atol=1e-6, rtol=1e-6)
-    np.testing.assert_allclose(run.batched(gates, chunk_size=5), looped, atol=1e-6, rtol=1e-6)
+    """In float64, so that the comparison is of the batching, not of float32 summation order."""
+    with jax.enable_x64(True):
+        run, _, _ = _run(tiny_model.astype(jnp.float64), graph_kind)
+        gates = jax.random.uniform(jax.random.PRNGKey(7), (16, run.graph.n_gates), jnp.float64)
+        looped = np.stack([np.asarray(run(g)) for g in gates])
+        np.testing.assert_allclose(run.batched(gates), looped, atol=1e-12, rtol=0)
+        np.testing.assert_allclose(run.batched(gates, chunk_size=5), looped, atol=1e-12, rtol=0)
 
 
 def test_chunked_vmap_handles_pytrees_and_padding():
