@@ -8,7 +8,6 @@ import numpy as np
 
 from acdc_jax.methods import Problem, get_method
 from acdc_jax.methods.eap_ig_activations import eap_ig_activations, group_path_gradients, source_groups
-from acdc_jax.models import Ablation
 from acdc_jax.models._transformer import _attention, _block_at, _embed, _mlp, _unembed
 from acdc_jax.patching import source_values
 

@@ -34,6 +34,24 @@ def _logit_diff_task(cfg, n_prompts=5, seed=0):
     )
 
 
+def _open_out_edges(graph, node, n_pos):
+    """Pass-2 gates ``[n_pos, n_gates]``: 1 on every edge out of ``node`` (live), 0 elsewhere."""
+    gates = np.zeros((n_pos, graph.n_gates))
+    for e, name in enumerate(graph.edges):
+        if graph.split_edge(name)[0] == node:
+            gates[:, e] = 1.0
+    return gates
+
+
+def _second_pass_effect(model, graph, task, loss, node, gates, sources, clean_values):
+    """Pass 2 by hand: every gate at 0 reads the clean values except that ``node``'s output is its
+    pass-1 (patched) value from ``sources``; the loss with it minus the loss without it."""
+    swapped = clean_values.copy()
+    swapped[graph.sources.index(node)] = sources[graph.sources.index(node)]
+    return (loss(reference.gated_logits(model, graph, task.clean, gates, swapped))
+            - loss(reference.gated_logits(model, graph, task.clean, gates, clean_values)))
+
+
 def test_effects_flow_only_through_found_edges():
     """Each kept connection into a layer-1 head, recomputed by hand in float64: pass 1 patches the
     sender into the head's input at one position; pass 2 swaps the head's new output in only on its
@@ -64,17 +82,10 @@ def test_effects_flow_only_through_found_edges():
             first = np.ones((n_pos, graph.n_gates))
             first[path["position"], graph.index(f"{path['senders'][0]}->{path['receiver']}")] = 0.0
             _, sources = reference.gated_logits(model, graph, task.clean, first, corrupt_values, return_sources=True)
-            head_index = graph.sources.index(head)
-            second = np.zeros((n_pos, graph.n_gates))
-            for e, name in enumerate(graph.edges):
-                if graph.split_edge(name)[0] == head:
-                    second[:, e] = 1.0
+            second = _open_out_edges(graph, head, n_pos)
             second[end, graph.index(f"{head}->logits")] = 0.0
-            swapped = clean_values.copy()
-            swapped[head_index] = sources[head_index]
-            patched = reference.gated_logits(model, graph, task.clean, second, swapped)
-            unpatched = reference.gated_logits(model, graph, task.clean, second, clean_values)
-            np.testing.assert_allclose(path["effect"], loss(patched) - loss(unpatched), rtol=1e-8, atol=1e-10)
+            effect = _second_pass_effect(model, graph, task, loss, head, second, sources, clean_values)
+            np.testing.assert_allclose(path["effect"], effect, rtol=1e-8, atol=1e-10)
             checked += 1
         assert checked >= 2
 
@@ -186,17 +197,10 @@ def _reference_path_patching(model, graph, task, cut, corrupt_values, labels):
                         effect = loss(reference.gated_logits(model, graph, task.clean, first, corrupt_values)) - ref_loss
                     else:
                         _, sources = reference.gated_logits(model, graph, task.clean, first, corrupt_values, return_sources=True)
-                        r = graph.sources.index(node)
-                        second = np.zeros((n_pos, graph.n_gates))
-                        for e, name in enumerate(graph.edges):
-                            if graph.split_edge(name)[0] == node:
-                                second[:, e] = 1.0
+                        second = _open_out_edges(graph, node, n_pos)
                         for (s, d, q) in found:
                             second[q, graph.index(f"{s}->{d}")] = 0.0 if s == node else 1.0
-                        swapped = clean_values.copy()
-                        swapped[r] = sources[r]
-                        effect = (loss(reference.gated_logits(model, graph, task.clean, second, swapped))
-                                  - loss(reference.gated_logits(model, graph, task.clean, second, clean_values)))
+                        effect = _second_pass_effect(model, graph, task, loss, node, second, sources, clean_values)
                     if abs(effect) >= cut:
                         found[(src, dst, p)] = effect
                         if src != "embed":

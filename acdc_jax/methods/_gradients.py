@@ -35,7 +35,7 @@ from jaxtyping import Array
 
 from ..graph import Graph
 from ..models import Probes, gated_forward
-from ..patching import GatedRun, auto_chunk_size, bytes_per_configuration, chunked_vmap, device_memory_bytes
+from ..patching import GatedRun, source_values, auto_chunk_size, bytes_per_configuration, chunked_vmap, device_memory_bytes
 from ._circuit import Circuit
 from ._problem import Problem
 
@@ -169,6 +169,27 @@ def _jit_pullback(problem, logits_fn, aux, shared, per_config, rows, points, wei
 
 # --------------------------------------------------------------------------------------------
 # Logits functions (module-level, so that they are static and hashable under jit)
+
+
+def input_difference_aux(problem: Problem) -> dict:
+    """The ``aux`` entries an input-path pullback needs: the clean run's source differences
+    ``x_s - x~_s`` and the base of the internal-edge ghost gates (1 on internal edges, else 0)."""
+    dtype = problem.model.dtype
+    graph, run = problem.graph, problem.run
+    internal = np.zeros(graph.n_gates)
+    if graph.level == "edge" and graph.internal_edges:
+        internal[graph.indices(graph.internal_edge_names)] = 1.0
+    clean_deltas = source_values(run.model, run.tokens) - run.ablation.values
+    return {"clean_deltas": clean_deltas.astype(dtype), "ghost_base": jnp.asarray(internal, dtype)}
+
+
+def fold_internal_edges(graph: Graph, grad: np.ndarray) -> np.ndarray:
+    """Input-path scores ``[..., n_gates]`` for internal edges, in place: an internal edge gates its
+    input's whole difference, so its score is the sum of that input's residual edges' scores."""
+    for name in graph.internal_edge_names if graph.level == "edge" else ():
+        dst, _ = graph.split_edge(name)  # "a{l}.{h}.t->a{l}.{h}": the input is the edge's tail
+        grad[..., graph.index(name)] = sum(grad[..., graph.index(f"{src}->{dst}")] for src in graph.sources_of(dst))
+    return grad
 
 
 def gate_point_logits(run: GatedRun, row, point, aux, shared, per_config) -> Array:

@@ -46,9 +46,16 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
-from ..patching import source_values
 from ._circuit import Circuit
-from ._gradients import attribution_circuit, computation, embed_path_logits, pullback, run_probed
+from ._gradients import (
+    attribution_circuit,
+    computation,
+    embed_path_logits,
+    fold_internal_edges,
+    input_difference_aux,
+    pullback,
+    run_probed,
+)
 from ._problem import Problem
 from .eap import gate_gradients
 
@@ -87,11 +94,6 @@ def input_path_gradients(problem: Problem, alphas, *, chunk_size: int | None = N
     """
     dtype = problem.model.dtype
     graph = problem.graph
-    run = problem.run
-    clean_deltas = source_values(run.model, run.tokens) - run.ablation.values
-    internal = np.zeros(graph.n_gates, np.float32)
-    if graph.level == "edge" and graph.internal_edges:
-        internal[graph.indices(graph.internal_edge_names)] = 1.0
     alphas = jnp.asarray(alphas, dtype)
     n_points = int(alphas.shape[0])
     _, grad, _ = pullback(
@@ -99,20 +101,11 @@ def input_path_gradients(problem: Problem, alphas, *, chunk_size: int | None = N
         embed_path_logits,
         n_points=n_points,
         weights=jnp.ones(n_points),
-        aux={
-            "gates": graph.gates(1.0, dtype),
-            "alphas": alphas,
-            "clean_deltas": clean_deltas.astype(dtype),
-            "ghost_base": jnp.asarray(internal, dtype),
-        },
+        aux={"gates": graph.gates(1.0, dtype), "alphas": alphas, **input_difference_aux(problem)},
         shared=jnp.zeros((n_points, graph.n_gates), dtype),
         chunk_size=chunk_size,
     )
-    grad = np.array(grad, np.float64)  # a writable copy
-    # an internal edge gates its input's whole difference: the sum of that input's residual edges
-    for name in graph.internal_edge_names if graph.level == "edge" else ():
-        dst, _ = graph.split_edge(name)  # "a{l}.{h}.t->a{l}.{h}": the input is the edge's tail
-        grad[:, graph.index(name)] = sum(grad[:, graph.index(f"{src}->{dst}")] for src in graph.sources_of(dst))
+    grad = fold_internal_edges(graph, np.array(grad, np.float64))  # a writable copy
     return grad
 
 

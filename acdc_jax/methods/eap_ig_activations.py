@@ -60,9 +60,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..models import Ablation
-from ..patching import source_values
 from ._circuit import Circuit
-from ._gradients import attribution_circuit, pullback, run_probed
+from ._gradients import attribution_circuit, fold_internal_edges, input_difference_aux, pullback, run_probed
 from ._problem import Problem
 
 GROUPINGS = ("all", "own")
@@ -106,7 +105,6 @@ def group_path_gradients(problem: Problem, steps: int, *, chunk_size: int | None
     """``[n_groups, steps, n_gates]`` array of ``c_e(G, k / steps)``, k = 1..steps (module docstring)."""
     dtype = problem.model.dtype
     graph = problem.graph
-    run = problem.run
     groups = source_groups(problem)
     n_sources = problem.model.config.n_sources
     gate_src = _gate_sources(problem)
@@ -121,11 +119,7 @@ def group_path_gradients(problem: Problem, steps: int, *, chunk_size: int | None
     point_alphas = np.tile(alphas, n_groups)
     point_masks = np.repeat(np.array(masks), steps, axis=0)
     point_gates = np.repeat(np.array(gates), steps, axis=0)
-    internal = np.zeros(graph.n_gates)
-    if graph.level == "edge" and graph.internal_edges:
-        internal[graph.indices(graph.internal_edge_names)] = 1.0
     n_points = n_groups * steps
-    clean_deltas = source_values(run.model, run.tokens) - run.ablation.values
     _, grad, _ = pullback(
         problem,
         group_mix_logits,
@@ -135,16 +129,12 @@ def group_path_gradients(problem: Problem, steps: int, *, chunk_size: int | None
             "gates": jnp.asarray(point_gates, dtype),
             "masks": jnp.asarray(point_masks, dtype),
             "alphas": jnp.asarray(point_alphas, dtype),
-            "clean_deltas": clean_deltas.astype(dtype),
-            "ghost_base": jnp.asarray(internal, dtype),
+            **input_difference_aux(problem),
         },
         shared=jnp.zeros((n_points, graph.n_gates), dtype),
         chunk_size=chunk_size,
     )
-    grad = np.array(grad, np.float64)
-    for name in graph.internal_edge_names if graph.level == "edge" else ():
-        dst, _ = graph.split_edge(name)
-        grad[:, graph.index(name)] = sum(grad[:, graph.index(f"{src}->{dst}")] for src in graph.sources_of(dst))
+    grad = fold_internal_edges(graph, np.array(grad, np.float64))
     return grad.reshape(n_groups, steps, graph.n_gates)
 
 
