@@ -214,19 +214,24 @@ def info(
     """Graph sizes of a model, and the available tasks and methods."""
     from .graph import Graph
     from .methods import get_method, method_names
-    from .models import GPT2_SHAPES, LoadError, TransformerConfig, load_model
+    from .models import GPT2_SHAPES, LoadError, TransformerConfig, hf_directory_config, load_model
     from .tasks import task_names
 
     if model is not None:
-        if model in GPT2_SHAPES and not Path(model).exists():
-            config = TransformerConfig.gpt2(model)  # sizes need no weights
-        else:
-            try:
+        try:
+            if model in GPT2_SHAPES and not Path(model).exists():
+                config = TransformerConfig.gpt2(model)  # sizes need no weights
+            elif (Path(model) / "config.json").exists() and not (Path(model) / "weights.npz").exists():
+                config = hf_directory_config(model)  # a Hugging Face folder: config.json alone
+            else:
                 config = load_model(model).config
-            except LoadError as err:
-                _fail(str(err))
-        table = Table(title=f"{config.name or model}: {config.n_layers} layers, {config.n_heads} heads, "
-                            f"d_model {config.d_model}, {'MLPs' if config.has_mlp else 'attention only'}")
+        except LoadError as err:
+            _fail(str(err))
+        kv = f" ({config.n_kv_heads} key/value)" if config.n_kv_heads != config.n_heads else ""
+        extras = [config.positional + " positions", "parallel attention/MLP" if config.parallel else ""]
+        table = Table(title=f"{config.name or model}: {config.n_layers} layers, {config.n_heads} heads{kv}, "
+                            f"d_model {config.d_model}, {'MLPs' if config.has_mlp else 'attention only'}, "
+                            + ", ".join(e for e in extras if e))
         table.add_column("graph")
         table.add_column("gate units", justify="right")
         for label, kwargs in [

@@ -54,6 +54,7 @@ class Graph:
     qkv_split: bool = True
     level: Level = "edge"
     internal_edges: bool = False
+    parallel: bool = False  # attention and MLP read the same residual (GPT-NeoX): no a{l}.h -> mlp{l}
 
     def __post_init__(self):
         if self.level not in ("edge", "node"):
@@ -71,7 +72,7 @@ class Graph:
         internal_edges: bool = False,
     ) -> "Graph":
         cfg = model.config if isinstance(model, Transformer) else model
-        return cls(cfg.n_layers, cfg.n_heads, cfg.has_mlp, qkv_split, level, internal_edges)
+        return cls(cfg.n_layers, cfg.n_heads, cfg.has_mlp, qkv_split, level, internal_edges, cfg.parallel)
 
     # ---------------------------------------------------------------- nodes
 
@@ -126,7 +127,7 @@ class Graph:
                     row = layer * self.n_in + (3 * h + t_i if self.qkv_split else h)
                     info[name] = (row, available)
             if self.has_mlp:
-                info[f"mlp{layer}"] = (L * self.n_in + layer, available + H)
+                info[f"mlp{layer}"] = (L * self.n_in + layer, available if self.parallel else available + H)
         info["logits"] = (self._logits_row, self.n_sources)
         return info
 

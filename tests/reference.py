@@ -18,7 +18,35 @@ def _ln(x, w, b, eps):
     return (x - mu) / np.sqrt(var + eps) * w + b
 
 
+def _rms(x, w, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def _norm(cfg, p, prefix, l, x):
+    if cfg.normalization == "ln":
+        return _ln(x, p[prefix + ".w"][l], p[prefix + ".b"][l], cfg.ln_eps)
+    if cfg.normalization == "rms":
+        return _rms(x, p[prefix + ".w"][l], cfg.ln_eps)
+    return x
+
+
+def _rotary(cfg, x):
+    """HF's rotate-half rotary embedding of ``[batch, pos, d_head]`` at positions 0..P-1."""
+    dim = cfg.rotary_dim
+    angles = np.arange(x.shape[1])[:, None] * np.asarray(cfg.rotary_inv_freq())[None, :]
+    cos, sin = np.cos(angles), np.sin(angles)
+    half = dim // 2
+    a, b, rest = x[..., :half], x[..., half:dim], x[..., dim:]
+    return np.concatenate([a * cos - b * sin, b * cos + a * sin, rest], axis=-1)
+
+
 def _act(name, x):
+    if name == "silu":
+        return x / (1 + np.exp(-x))
+    if name == "gelu":
+        from scipy.special import erf
+
+        return 0.5 * x * (1 + erf(x / np.sqrt(2)))
     if name == "relu":
         return np.maximum(x, 0)
     if name == "gelu_new":
@@ -54,8 +82,8 @@ def gated_logits(model: Transformer, graph: Graph, tokens, gates, ablated_values
     abl = np.asarray(ablated_values, np.float64)
     tokens = np.asarray(tokens)
     B, P = tokens.shape
-    ln = cfg.normalization == "ln"
-    x = {"embed": p["embed.W_E"][tokens] + p["embed.W_pos"][:P][None]}
+    ln = cfg.normalization is not None
+    x = {"embed": p["embed.W_E"][tokens] + (p["embed.W_pos"][:P][None] if "embed.W_pos" in p else 0.0)}
     abl_of = {name: np.broadcast_to(abl[i], (B, P, cfg.d_model)) for i, name in enumerate(graph.sources)}
 
     def dst_input(dst, n_bias_layers):
@@ -72,25 +100,34 @@ def gated_logits(model: Transformer, graph: Graph, tokens, gates, ablated_values
             head = f"a{l}.{h}"
             ins = {}
             for t in "qkv":
-                ins[t] = dst_input(f"{head}.{t}" if graph.qkv_split else head, l)
-                if ln:
-                    ins[t] = _ln(ins[t], p["blocks.ln1.w"][l], p["blocks.ln1.b"][l], cfg.ln_eps)
+                ins[t] = _norm(cfg, p, "blocks.ln1", l, dst_input(f"{head}.{t}" if graph.qkv_split else head, l))
+            kv = h // (cfg.n_heads // cfg.n_kv_heads)  # the key/value head this query head reads
             q = ins["q"] @ p["blocks.attn.W_Q"][l, h] + p["blocks.attn.b_Q"][l, h]
-            k = ins["k"] @ p["blocks.attn.W_K"][l, h] + p["blocks.attn.b_K"][l, h]
-            v = ins["v"] @ p["blocks.attn.W_V"][l, h] + p["blocks.attn.b_V"][l, h]
+            k = ins["k"] @ p["blocks.attn.W_K"][l, kv] + p["blocks.attn.b_K"][l, kv]
+            v = ins["v"] @ p["blocks.attn.W_V"][l, kv] + p["blocks.attn.b_V"][l, kv]
+            if cfg.qk_norm:
+                q, k = _rms(q, p["blocks.attn.q_norm"][l], cfg.ln_eps), _rms(k, p["blocks.attn.k_norm"][l], cfg.ln_eps)
+            if cfg.positional == "rotary":
+                q, k = _rotary(cfg, q), _rotary(cfg, k)
             scores = np.einsum("bqe,bke->bqk", q, k) / cfg.layer_attn_scale(l)
+            i, j = np.arange(P)[:, None], np.arange(P)[None, :]
             if cfg.causal:
-                scores = np.where(np.tril(np.ones((P, P), bool))[None], scores, -np.inf)
+                scores = np.where((j <= i)[None], scores, -np.inf)
+            if cfg.sliding_window is not None:
+                scores = np.where((i - j < cfg.sliding_window)[None], scores, -np.inf)
             x[head] = np.einsum("bqk,bke->bqe", _softmax(scores), v) @ p["blocks.attn.W_O"][l, h]
         if cfg.has_mlp:
-            m = dst_input(f"mlp{l}", l + 1)
-            if ln:
-                m = _ln(m, p["blocks.ln2.w"][l], p["blocks.ln2.b"][l], cfg.ln_eps)
-            hidden = _act(cfg.act_fn, m @ p["blocks.mlp.W_in"][l] + p["blocks.mlp.b_in"][l])
+            # a parallel MLP (GPT-NeoX) reads the residual before its own layer's heads and b_O
+            m = _norm(cfg, p, "blocks.ln2", l, dst_input(f"mlp{l}", l if cfg.parallel else l + 1))
+            hidden = m @ p["blocks.mlp.W_in"][l] + p["blocks.mlp.b_in"][l]
+            if cfg.gated_mlp:
+                hidden = _act(cfg.act_fn, m @ p["blocks.mlp.W_gate"][l] + p["blocks.mlp.b_gate"][l]) * hidden
+            else:
+                hidden = _act(cfg.act_fn, hidden)
             x[f"mlp{l}"] = hidden @ p["blocks.mlp.W_out"][l] + p["blocks.mlp.b_out"][l]
     final = dst_input("logits", cfg.n_layers)
     if ln:
-        final = _ln(final, p["ln_final.w"], p["ln_final.b"], cfg.ln_eps)
+        final = _norm(cfg, {k: v[None] for k, v in p.items() if k.startswith("ln_final")}, "ln_final", 0, final)
     W_U = p["embed.W_E"].T if cfg.tied_unembed else p["unembed.W_U"]
     logits = final @ W_U + p["unembed.b_U"]
     if return_sources:

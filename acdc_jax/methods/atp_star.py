@@ -47,7 +47,7 @@ import numpy as np
 from jax import lax
 
 from ..models import Ablation
-from ..models import attention_pattern, project_heads
+from ..models import attention_pattern, queries_keys, rotary_tables
 from ..models._transformer import _block_at
 from ..patching import source_values
 from ._circuit import Circuit
@@ -182,18 +182,16 @@ def _jit_qk_fix(problem: Problem, d_pattern, chunk: int):
     resid = Ablation.from_values(model, clean).base_attn  # the clean input of every layer's heads
     ablated = jnp.broadcast_to(run.ablation.base_attn, resid.shape)  # every incoming gate at 0
     n_rows = resid.shape[1]
+    rot = rotary_tables(cfg, resid.shape[2], None, resid.dtype)  # the clean run's positions
 
     def per_row(row):
         def per_layer(layer):
             block = _block_at(model, layer)
-            attn = block.attn
             x = resid[layer, row]
             inputs = jnp.concatenate([x[None] - deltas[:, row], ablated[layer, row][None]], axis=0)
-            q = project_heads(cfg, block, x[None], attn.W_Q, attn.b_Q, precision)  # [H, 1, pos, E]
-            k = project_heads(cfg, block, x[None], attn.W_K, attn.b_K, precision)
+            q, k = queries_keys(cfg, block, x[None], x[None], rot, precision)  # [H, 1, pos, E]
             pattern = attention_pattern(cfg, layer, q, k, precision)  # [H, 1, q, k]
-            q_new = project_heads(cfg, block, inputs, attn.W_Q, attn.b_Q, precision)  # [H, S+1, pos, E]
-            k_new = project_heads(cfg, block, inputs, attn.W_K, attn.b_K, precision)
+            q_new, k_new = queries_keys(cfg, block, inputs, inputs, rot, precision)  # [H, S+1, pos, E]
             with_q = attention_pattern(cfg, layer, q_new, jnp.broadcast_to(k, k_new.shape), precision)
             with_k = attention_pattern(cfg, layer, jnp.broadcast_to(q, q_new.shape), k_new, precision)
             grad = d_pattern[:, row, layer]  # [P, H, q, k]

@@ -97,6 +97,11 @@ def node_weight_scores(problem: Problem, grads) -> dict[str, dict[str, float]]:
     """Per node of the graph: ``grad_norm`` and ``saliency`` (``sum theta * grad``) of its parameters."""
     model = problem.model
     cfg = model.config
+    if cfg.n_kv_heads != cfg.n_heads or cfg.qk_norm:
+        raise ValueError(
+            "weight-gradient node scores are per head, and this model shares parameters between heads "
+            f"(n_kv_heads={cfg.n_kv_heads} of n_heads={cfg.n_heads}, qk_norm={cfg.qk_norm}); run wrong-answer without weights=True"
+        )
     attn, g_attn = model.blocks.attn, grads.blocks.attn
     norm2: dict[str, float] = {}
     dot: dict[str, float] = {}
@@ -107,13 +112,14 @@ def node_weight_scores(problem: Problem, grads) -> dict[str, dict[str, float]]:
         dot[node] = dot.get(node, 0.0) + float((theta * grad).sum())
 
     add("embed", model.embed.W_E, grads.embed.W_E)
-    add("embed", model.embed.W_pos, grads.embed.W_pos)
+    if model.embed.W_pos is not None:
+        add("embed", model.embed.W_pos, grads.embed.W_pos)
     for layer in range(cfg.n_layers):
         for h in range(cfg.n_heads):
             for name in ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O"):
                 add(f"a{layer}.{h}", getattr(attn, name)[layer, h], getattr(g_attn, name)[layer, h])
         if cfg.has_mlp:
-            for name in ("W_in", "b_in", "W_out", "b_out"):
+            for name in ("W_in", "b_in", "W_out", "b_out") + (("W_gate", "b_gate") if cfg.gated_mlp else ()):
                 add(f"mlp{layer}", getattr(model.blocks.mlp, name)[layer], getattr(grads.blocks.mlp, name)[layer])
     return {"grad_norm": {k: float(np.sqrt(v)) for k, v in norm2.items()}, "saliency": dot}
 

@@ -1,4 +1,10 @@
-"""The one configuration type for every model acdc-jax runs: GPT-2 family, compiled tracr, attention-only."""
+"""The one configuration type for every model acdc-jax runs.
+
+GPT-2 family, compiled tracr and attention-only models, and the Hugging Face families whose
+differences are data here: Llama, Mistral, Qwen2/2.5 and Qwen3 (RMSNorm, rotary, grouped-query
+attention, gated MLP, q/k/v biases, q/k norm, sliding window) and GPT-NeoX/Pythia (parallel
+attention and MLP, partial rotary). Each family's key map lives in ``acdc_jax/models/families/``.
+"""
 
 from __future__ import annotations
 
@@ -24,12 +30,27 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-    """Architecture of a decoder-style transformer with sequential attention then MLP in each block.
+    """Architecture of a decoder-style transformer.
 
     Attention scores are ``q . k / attn_scale`` (GPT-2: ``attn_scale = sqrt(d_head)``, optionally
     times ``layer + 1`` when ``scale_attn_by_inverse_layer_idx``). ``d_mlp=None`` means an
-    attention-only model. ``normalization=None`` means no LayerNorm anywhere (tracr).
-    ``tied_unembed`` means the unembedding is ``W_E.T`` (GPT-2).
+    attention-only model. ``tied_unembed`` means the unembedding is ``W_E.T`` (GPT-2).
+
+    - ``normalization``: ``"ln"`` (LayerNorm with bias), ``"rms"`` (RMSNorm, ``x / rms(x) * w``) or
+      ``None`` (no norm anywhere: tracr); ``ln_eps`` is its epsilon.
+    - ``positional``: ``"learned"`` (``W_pos`` added to the embedding, part of the ``embed``
+      source), ``"rotary"`` (applied to q and k inside attention; ``embed`` is the token embedding
+      alone) or ``"none"``. Rotary: ``rotary_base`` (HF ``rope_theta``), ``rotary_dim`` (the
+      leading dimensions of each head that rotate, in HF's half-split layout; ``None``: all),
+      ``rope_scaling`` (``None``, ``("linear", factor)`` or ``("llama3", factor, low_freq_factor,
+      high_freq_factor, original_max_position_embeddings)``).
+    - ``n_kv_heads``: key/value heads (grouped-query attention; query head h reads kv head
+      ``h // (n_heads / n_kv_heads)``, as HF's ``repeat_kv``); ``None``: ``n_heads``.
+    - ``qk_norm``: an RMSNorm over each head's q and k before the rotation (Qwen3).
+    - ``gated_mlp``: ``W_out (act(x W_gate) * (x W_in))`` (Llama's SiLU MLP) instead of ``W_out act(x W_in)``.
+    - ``parallel``: attention and MLP read the same residual (GPT-NeoX/Pythia): the MLP has no edges
+      from its own layer's heads.
+    - ``sliding_window``: a query at i reads keys j with ``i - j < sliding_window`` (Mistral); ``None``: all.
     """
 
     n_layers: int
@@ -41,12 +62,21 @@ class TransformerConfig:
     d_mlp: int | None = None
     d_vocab_out: int | None = None
     act_fn: str = "gelu_new"  # one of ActFn; validated in __post_init__ with a message
-    normalization: str | None = "ln"  # "ln" or None
+    normalization: str | None = "ln"  # "ln", "rms" or None
     ln_eps: float = 1e-5
     causal: bool = True
     attn_scale: float | None = None
     scale_attn_by_inverse_layer_idx: bool = False
     tied_unembed: bool = True
+    positional: str = "learned"  # "learned", "rotary" or "none"
+    rotary_base: float = 10000.0
+    rotary_dim: int | None = None
+    rope_scaling: tuple | None = None
+    n_kv_heads: int | None = None
+    qk_norm: bool = False
+    gated_mlp: bool = False
+    parallel: bool = False
+    sliding_window: int | None = None
     name: str = ""
 
     def __post_init__(self):
@@ -62,8 +92,31 @@ class TransformerConfig:
             raise ConfigError(
                 f"unknown act_fn {self.act_fn!r}; choose one of 'gelu_new', 'gelu', 'relu', 'silu'"
             )
-        if self.normalization not in ("ln", None):
-            raise ConfigError(f"normalization must be 'ln' or None, got {self.normalization!r}")
+        if self.normalization not in ("ln", "rms", None):
+            raise ConfigError(f"normalization must be 'ln', 'rms' or None, got {self.normalization!r}")
+        if self.positional not in ("learned", "rotary", "none"):
+            raise ConfigError(f"positional must be 'learned', 'rotary' or 'none', got {self.positional!r}")
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_kv_heads must be a positive divisor of n_heads={self.n_heads}, got {self.n_kv_heads!r}")
+        if self.positional == "rotary":
+            if self.rotary_dim is None:
+                object.__setattr__(self, "rotary_dim", self.d_head)
+            if not isinstance(self.rotary_dim, int) or not 0 < self.rotary_dim <= self.d_head or self.rotary_dim % 2:
+                raise ConfigError(f"rotary_dim must be an even int in (0, d_head={self.d_head}], got {self.rotary_dim!r}")
+        if self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
+            kind = self.rope_scaling[0] if self.rope_scaling else None
+            if not ((kind == "linear" and len(self.rope_scaling) == 2) or (kind == "llama3" and len(self.rope_scaling) == 5)):
+                raise ConfigError(
+                    "rope_scaling must be None, ('linear', factor) or ('llama3', factor, low_freq_factor, "
+                    f"high_freq_factor, original_max_position_embeddings), got {self.rope_scaling!r}"
+                )
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise ConfigError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
+        if self.gated_mlp and not self.has_mlp:
+            raise ConfigError("gated_mlp needs an MLP (d_mlp is None)")
         if self.attn_scale is None:
             object.__setattr__(self, "attn_scale", math.sqrt(self.d_head))
         if self.tied_unembed and self.d_vocab_out != self.d_vocab:
@@ -75,6 +128,29 @@ class TransformerConfig:
     @property
     def has_mlp(self) -> bool:
         return self.d_mlp is not None
+
+    @property
+    def kv_group(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def rotary_inv_freq(self):
+        """The rotary inverse frequencies ``[rotary_dim / 2]`` (float64), HF's ``inv_freq`` with its scaling."""
+        import numpy as np
+
+        dim = self.rotary_dim
+        inv = 1.0 / self.rotary_base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+        if self.rope_scaling is None:
+            return inv
+        if self.rope_scaling[0] == "linear":
+            return inv / self.rope_scaling[1]
+        _, factor, low, high, old_len = self.rope_scaling
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        return np.where(medium, smoothed, scaled)
 
     @property
     def n_sources(self) -> int:
@@ -117,4 +193,6 @@ class TransformerConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown TransformerConfig fields {unknown}; known fields: {sorted(known)}")
+        if data.get("rope_scaling") is not None:  # JSON gives lists
+            data = {**data, "rope_scaling": tuple(data["rope_scaling"])}
         return cls(**data)

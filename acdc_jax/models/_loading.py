@@ -19,6 +19,7 @@ import numpy as np
 
 from ._config import GPT2_SHAPES, ConfigError, TransformerConfig
 from ._transformer import MLP, Attention, Block, Embed, LayerNorm, Transformer, Unembed
+from .families import FAMILIES
 
 
 class LoadError(ValueError):
@@ -50,26 +51,36 @@ def shipped_model_names() -> list[str]:
 def expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter of a model with this config, in our naming, with its shape."""
     L, H, D, E = config.n_layers, config.n_heads, config.d_model, config.d_head
-    shapes = {"embed.W_E": (config.d_vocab, D), "embed.W_pos": (config.n_ctx, D)}
-    ln = config.normalization == "ln"
-    if ln:
-        shapes |= {"blocks.ln1.w": (L, D), "blocks.ln1.b": (L, D)}
-    for w in "QKV":
-        shapes[f"blocks.attn.W_{w}"] = (L, H, D, E)
-        shapes[f"blocks.attn.b_{w}"] = (L, H, E)
+    KV = config.n_kv_heads
+    shapes = {"embed.W_E": (config.d_vocab, D)}
+    if config.positional == "learned":
+        shapes["embed.W_pos"] = (config.n_ctx, D)
+
+    def norm(prefix, *lead):
+        if config.normalization is not None:
+            shapes[prefix + ".w"] = (*lead, D)
+        if config.normalization == "ln":
+            shapes[prefix + ".b"] = (*lead, D)
+
+    norm("blocks.ln1", L)
+    for w, n in (("Q", H), ("K", KV), ("V", KV)):
+        shapes[f"blocks.attn.W_{w}"] = (L, n, D, E)
+        shapes[f"blocks.attn.b_{w}"] = (L, n, E)
     shapes |= {"blocks.attn.W_O": (L, H, E, D), "blocks.attn.b_O": (L, D)}
+    if config.qk_norm:
+        shapes |= {"blocks.attn.q_norm": (L, E), "blocks.attn.k_norm": (L, E)}
     if config.has_mlp:
         M = config.d_mlp
-        if ln:
-            shapes |= {"blocks.ln2.w": (L, D), "blocks.ln2.b": (L, D)}
+        norm("blocks.ln2", L)
         shapes |= {
             "blocks.mlp.W_in": (L, D, M),
             "blocks.mlp.b_in": (L, M),
             "blocks.mlp.W_out": (L, M, D),
             "blocks.mlp.b_out": (L, D),
         }
-    if ln:
-        shapes |= {"ln_final.w": (D,), "ln_final.b": (D,)}
+        if config.gated_mlp:
+            shapes |= {"blocks.mlp.W_gate": (L, D, M), "blocks.mlp.b_gate": (L, M)}
+    norm("ln_final")
     if not config.tied_unembed:
         shapes["unembed.W_U"] = (D, config.d_vocab_out)
     shapes["unembed.b_U"] = (config.d_vocab_out,)
@@ -98,13 +109,16 @@ def build_model(config: TransformerConfig, arrays: dict[str, np.ndarray], dtype=
         params[name] = jnp.asarray(value, dtype)
 
     def ln(prefix):
-        return LayerNorm(params[prefix + ".w"], params[prefix + ".b"]) if prefix + ".w" in params else None
+        return LayerNorm(params[prefix + ".w"], params.get(prefix + ".b")) if prefix + ".w" in params else None
 
-    attn = Attention(**{k: params[f"blocks.attn.{k}"] for k in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O")})
-    mlp = MLP(**{k: params[f"blocks.mlp.{k}"] for k in ("W_in", "b_in", "W_out", "b_out")}) if config.has_mlp else None
+    def group(prefix, names):
+        return {k: params[f"{prefix}.{k}"] for k in names if f"{prefix}.{k}" in params}
+
+    attn = Attention(**group("blocks.attn", ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O", "q_norm", "k_norm")))
+    mlp = MLP(**group("blocks.mlp", ("W_in", "b_in", "W_out", "b_out", "W_gate", "b_gate"))) if config.has_mlp else None
     return Transformer(
         config=config,
-        embed=Embed(params["embed.W_E"], params["embed.W_pos"]),
+        embed=Embed(params["embed.W_E"], params.get("embed.W_pos")),
         blocks=Block(ln1=ln("blocks.ln1"), attn=attn, ln2=ln("blocks.ln2"), mlp=mlp),
         ln_final=ln("ln_final"),
         unembed=Unembed(params.get("unembed.W_U"), params["unembed.b_U"]),
@@ -121,16 +135,18 @@ def model_arrays(model: Transformer) -> dict[str, np.ndarray]:
 
 
 def init_model(config: TransformerConfig, key: jax.Array, *, std: float = 0.02) -> Transformer:
-    """Random parameters: normal(0, std) weights and biases, LayerNorm scales near 1."""
-    shapes = expected_shapes(config)
-    keys = jax.random.split(key, len(shapes))
+    """Random parameters: normal(0, std) weights and biases, norm scales near 1.
+
+    The numbers come from numpy, seeded by the key's bits (same key, same model): drawing them
+    with ``jax.random`` compiles a sampler per parameter shape, seconds per model on a CPU.
+    """
+    seed = np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key)
+    rng = np.random.default_rng(seed.astype(np.uint32).ravel().tolist())
     arrays = {}
-    for k, (name, shape) in zip(keys, shapes.items()):
-        if name.endswith(("ln1.w", "ln2.w", "ln_final.w")):
-            arrays[name] = 1.0 + 0.1 * jax.random.normal(k, shape)
-        else:
-            arrays[name] = std * jax.random.normal(k, shape)
-    return build_model(config, {k: np.asarray(v) for k, v in arrays.items()})
+    for name, shape in expected_shapes(config).items():
+        draw = rng.standard_normal(shape, dtype=np.float32)
+        arrays[name] = 1.0 + 0.1 * draw if name.endswith(("ln1.w", "ln2.w", "ln_final.w", "q_norm", "k_norm")) else std * draw
+    return build_model(config, arrays)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,8 +261,8 @@ def hf_config_to_ours(hf: dict, name: str = "") -> TransformerConfig:
     if model_type != "gpt2":
         archs = hf.get("architectures")
         raise LoadError(
-            f"unknown architecture: model_type={model_type!r}, architectures={archs}; acdc-jax loads "
-            "GPT-2-family checkpoints (model_type 'gpt2': gpt2, gpt2-medium/large/xl, distilgpt2)"
+            f"unknown architecture: model_type={model_type!r}, architectures={archs}; acdc-jax loads the "
+            f"Hugging Face model types gpt2 (gpt2, gpt2-medium/large/xl, distilgpt2), {', '.join(sorted(FAMILIES))}"
         )
     if hf.get("add_cross_attention"):
         raise LoadError("GPT-2 with cross-attention (add_cross_attention=true) is not supported")
@@ -445,12 +461,28 @@ def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
 
 
-def _load_hf(path: Path, dtype) -> Transformer:
+def _hf_config(path: Path):
+    """Our config of a Hugging Face directory and the family module that maps it (None: GPT-2)."""
     hf = _read_json(path / "config.json")
-    config = hf_config_to_ours(hf, name=hf.get("_name_or_path") or path.name)
+    name = hf.get("_name_or_path") or path.name
+    family = FAMILIES.get(hf.get("model_type"))
+    return (hf_config_to_ours(hf, name=name) if family is None else family.config_from_hf(hf, name=name)), family
+
+
+def hf_directory_config(path: str | os.PathLike) -> TransformerConfig:
+    """The config of a Hugging Face model directory, from its ``config.json`` alone (no weights read)."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise LoadError(f"missing {path / 'config.json'}: not a Hugging Face model directory")
+    return _hf_config(path)[0]
+
+
+def _load_hf(path: Path, dtype) -> Transformer:
+    config, family = _hf_config(path)
     state, file_name = _read_hf_weights(path)
-    arrays = hf_state_dict_to_ours(config, state, where=f" in {path / file_name}")
-    return build_model(config, arrays, dtype, f" in {path / file_name}")
+    where = f" in {path / file_name}"
+    to_ours = hf_state_dict_to_ours if family is None else family.state_dict_to_ours
+    return build_model(config, to_ours(config, state, where=where), dtype, where)
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,33 +35,46 @@ class InputError(ValueError):
 
 
 class LayerNorm(eqx.Module):
-    w: Float[Array, "*layers d_model"]
-    b: Float[Array, "*layers d_model"]
+    """LayerNorm's scale and bias, or RMSNorm's scale (``b`` is None); the config says which."""
+
+    w: Float[Array, "*layers d"]
+    b: Float[Array, "*layers d"] | None = None
 
 
 class Embed(eqx.Module):
     W_E: Float[Array, "d_vocab d_model"]
-    W_pos: Float[Array, "n_ctx d_model"]
+    W_pos: Float[Array, "n_ctx d_model"] | None  # None: no learned positions (rotary or none)
 
 
 class Attention(eqx.Module):
-    """Per-head weights in TransformerLens layout: ``q[h] = x @ W_Q[h] + b_Q[h]``."""
+    """Per-head weights in TransformerLens layout: ``q[h] = x @ W_Q[h] + b_Q[h]``.
+
+    Keys and values have ``n_kv_heads`` heads (grouped-query attention); ``q_norm``/``k_norm`` are
+    the per-head RMSNorm scales of models with q/k norm (Qwen3), else None.
+    """
 
     W_Q: Float[Array, "*layers n_heads d_model d_head"]
     b_Q: Float[Array, "*layers n_heads d_head"]
-    W_K: Float[Array, "*layers n_heads d_model d_head"]
-    b_K: Float[Array, "*layers n_heads d_head"]
-    W_V: Float[Array, "*layers n_heads d_model d_head"]
-    b_V: Float[Array, "*layers n_heads d_head"]
+    W_K: Float[Array, "*layers n_kv_heads d_model d_head"]
+    b_K: Float[Array, "*layers n_kv_heads d_head"]
+    W_V: Float[Array, "*layers n_kv_heads d_model d_head"]
+    b_V: Float[Array, "*layers n_kv_heads d_head"]
     W_O: Float[Array, "*layers n_heads d_head d_model"]
     b_O: Float[Array, "*layers d_model"]
+    q_norm: Float[Array, "*layers d_head"] | None = None
+    k_norm: Float[Array, "*layers d_head"] | None = None
 
 
 class MLP(eqx.Module):
+    """``W_out act(x W_in + b_in) + b_out``, or with ``W_gate`` (gated MLP)
+    ``W_out (act(x W_gate + b_gate) * (x W_in + b_in)) + b_out``."""
+
     W_in: Float[Array, "*layers d_model d_mlp"]
     b_in: Float[Array, "*layers d_mlp"]
     W_out: Float[Array, "*layers d_mlp d_model"]
     b_out: Float[Array, "*layers d_model"]
+    W_gate: Float[Array, "*layers d_model d_mlp"] | None = None
+    b_gate: Float[Array, "*layers d_mlp"] | None = None
 
 
 class Block(eqx.Module):
@@ -167,9 +180,14 @@ def _at_least_f32(x: Array) -> Array:
 
 
 def _layer_norm(ln: LayerNorm | None, x: Array, eps: float) -> Array:
+    """LayerNorm, or RMSNorm when ``ln.b`` is None (``x / sqrt(mean(x^2) + eps) * w``, as HF's
+    ``LlamaRMSNorm``: statistics in float32, the scale applied after casting back)."""
     if ln is None:
         return x
     wide = _at_least_f32(x)
+    if ln.b is None:
+        normed = (wide * lax.rsqrt((wide * wide).mean(-1, keepdims=True) + eps)).astype(x.dtype)
+        return normed * _lead(ln.w, x.ndim)
     mean = wide.mean(-1, keepdims=True)
     centred = wide - mean
     var = (centred * centred).mean(-1, keepdims=True)
@@ -191,6 +209,8 @@ def _activation(name: str, x: Array) -> Array:
 
 def _embed(model: Transformer, tokens: Array, pos_ids: Array | None) -> Float[Array, "batch pos d_model"]:
     n_pos = tokens.shape[1]
+    if model.embed.W_pos is None:  # rotary (positions enter at q and k) or no positions
+        return model.embed.W_E[tokens]
     if pos_ids is None:
         pos = model.embed.W_pos[:n_pos][None]
     else:
@@ -205,11 +225,59 @@ def project_heads(cfg: TransformerConfig, block: Block, x: Array, W: Array, b: A
 
     ``x`` is one residual stream ``[batch, pos, d_model]`` shared by all heads or one input per head
     ``[n_heads, batch, pos, d_model]`` (the gated forward). Head-major output avoids a transpose that
-    costs as much as the projection itself when the heads have separate inputs.
+    costs as much as the projection itself when the heads have separate inputs. Key/value weights
+    with ``n_kv_heads < n_heads`` are repeated to one per query head (HF's ``repeat_kv``).
     """
+    if W.shape[0] != cfg.n_heads:
+        W, b = jnp.repeat(W, cfg.kv_group, axis=0), jnp.repeat(b, cfg.kv_group, axis=0)
     x = _layer_norm(block.ln1, x, cfg.ln_eps)
     spec = "bpd,hde->hbpe" if x.ndim == 3 else "hbpd,hde->hbpe"
     return jnp.einsum(spec, x, W, precision=precision) + b[:, None, None, :]
+
+
+class Rotary(NamedTuple):
+    """``cos`` and ``sin`` ``[batch or 1, pos, rotary_dim]`` of every position, HF's layout
+    (each frequency twice: ``cat(f, f)``)."""
+
+    cos: Array
+    sin: Array
+
+
+def rotary_tables(cfg: TransformerConfig, n_pos: int, pos_ids: Array | None, dtype) -> Rotary | None:
+    """The rotation of a rotary model for positions ``pos_ids`` (default ``0..n_pos-1``); None otherwise."""
+    if cfg.positional != "rotary":
+        return None
+    wide = jnp.promote_types(dtype, jnp.float32)  # float32 as HF computes them (float64 for float64 models)
+    inv_freq = jnp.asarray(cfg.rotary_inv_freq(), wide)
+    pos = jnp.arange(n_pos)[None] if pos_ids is None else jnp.asarray(pos_ids).reshape((-1, n_pos))
+    angles = pos.astype(wide)[:, :, None] * inv_freq[None, None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return Rotary(jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype))
+
+
+def _rotate(x: Array, rot: Rotary) -> Array:
+    """HF's ``apply_rotary_pos_emb`` on head-major ``[heads, batch, pos, d_head]``: the first
+    ``rotary_dim`` dimensions rotate in two halves (``rotate_half``), the rest pass through."""
+    dim = rot.cos.shape[-1]
+    x_rot, x_pass = x[..., :dim], x[..., dim:]
+    half = dim // 2
+    turned = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * rot.cos[None] + turned * rot.sin[None]
+    return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
+
+
+def queries_keys(cfg: TransformerConfig, block: Block, q_in: Array, k_in: Array, rot: Rotary | None, precision):
+    """Head-major queries and keys as attention scores read them: projected, q/k-normed (Qwen3),
+    rotated (rotary models)."""
+    attn = block.attn
+    q = project_heads(cfg, block, q_in, attn.W_Q, attn.b_Q, precision)
+    k = project_heads(cfg, block, k_in, attn.W_K, attn.b_K, precision)
+    if attn.q_norm is not None:
+        q = _layer_norm(LayerNorm(attn.q_norm), q, cfg.ln_eps)
+        k = _layer_norm(LayerNorm(attn.k_norm), k, cfg.ln_eps)
+    if rot is not None:
+        q, k = _rotate(q, rot), _rotate(k, rot)
+    return q, k
 
 
 def attention_pattern(cfg: TransformerConfig, layer, q: Array, k: Array, precision) -> Array:
@@ -218,10 +286,15 @@ def attention_pattern(cfg: TransformerConfig, layer, q: Array, k: Array, precisi
     if cfg.scale_attn_by_inverse_layer_idx:
         scale = scale * (jnp.asarray(layer) + 1).astype(q.dtype)
     scores = jnp.einsum("hbqe,hbke->hbqk", q, k, precision=precision) / scale
-    if cfg.causal:
+    if cfg.causal or cfg.sliding_window is not None:
         n = scores.shape[-1]
-        allowed = jnp.tril(jnp.ones((n, n), dtype=bool))[None, None]
-        scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
+        i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+        allowed = np.ones((n, n), bool)
+        if cfg.causal:
+            allowed &= j <= i
+        if cfg.sliding_window is not None:
+            allowed &= i - j < cfg.sliding_window
+        scores = jnp.where(jnp.asarray(allowed)[None, None], scores, jnp.finfo(scores.dtype).min)
     return jax.nn.softmax(_at_least_f32(scores), axis=-1).astype(q.dtype)
 
 
@@ -234,16 +307,16 @@ def _attention(
     v_in: Array,
     precision,
     pattern_offset: Array | None = None,
+    rot: Rotary | None = None,
 ) -> Float[Array, "n_heads batch pos d_head"]:
     """One layer's attention up to the mixed values ``z`` (head-major).
 
     Inputs are one residual stream ``[batch, pos, d_model]`` shared by all heads or one input per
     head ``[n_heads, batch, pos, d_model]``. ``pattern_offset`` is added to the probabilities (a
-    probe whose gradient is d loss / d pattern; zero in value).
+    probe whose gradient is d loss / d pattern; zero in value). ``rot``: the rotary tables.
     """
     attn = block.attn
-    q = project_heads(cfg, block, q_in, attn.W_Q, attn.b_Q, precision)
-    k = project_heads(cfg, block, k_in, attn.W_K, attn.b_K, precision)
+    q, k = queries_keys(cfg, block, q_in, k_in, rot, precision)
     v = project_heads(cfg, block, v_in, attn.W_V, attn.b_V, precision)
     pattern = attention_pattern(cfg, layer, q, k, precision)
     if pattern_offset is not None:
@@ -253,9 +326,13 @@ def _attention(
 
 def _mlp(cfg: TransformerConfig, block: Block, x: Array, precision) -> Float[Array, "batch pos d_model"]:
     mlp = block.mlp
-    h = _layer_norm(block.ln2, x, cfg.ln_eps)
-    h = jnp.einsum("bpd,dm->bpm", h, mlp.W_in, precision=precision) + _lead(mlp.b_in, 3)
-    h = _activation(cfg.act_fn, h)
+    x = _layer_norm(block.ln2, x, cfg.ln_eps)
+    h = jnp.einsum("bpd,dm->bpm", x, mlp.W_in, precision=precision) + _lead(mlp.b_in, 3)
+    if mlp.W_gate is None:
+        h = _activation(cfg.act_fn, h)
+    else:
+        gate = jnp.einsum("bpd,dm->bpm", x, mlp.W_gate, precision=precision) + _lead(mlp.b_gate, 3)
+        h = _activation(cfg.act_fn, gate) * h
     return jnp.einsum("bpm,md->bpd", h, mlp.W_out, precision=precision) + _lead(mlp.b_out, 3)
 
 
@@ -327,9 +404,10 @@ def attention_patterns(
     values = run_with_sources(model, tokens, positions=first, pos_ids=pos_ids).values
     layer_inputs = Ablation.from_values(model, values).base_attn
 
+    rot = rotary_tables(cfg, tokens.shape[1], pos_ids, model.dtype)
+
     def one_layer(block, layer, x):
-        q = project_heads(cfg, block, x, block.attn.W_Q, block.attn.b_Q, model.precision)
-        k = project_heads(cfg, block, x, block.attn.W_K, block.attn.b_K, model.precision)
+        q, k = queries_keys(cfg, block, x, x, rot, model.precision)
         return jnp.swapaxes(attention_pattern(cfg, layer, q, k, model.precision), 0, 1)  # [batch, head, q, k]
 
     return jax.vmap(one_layer)(model.blocks, jnp.arange(cfg.n_layers), layer_inputs)
@@ -340,10 +418,12 @@ def _residual_forward(model, tokens, positions, pos_ids, collect: bool):
     precision = model.precision
     x = _embed(model, tokens, pos_ids)
     embed_out = x
+    rot = rotary_tables(cfg, tokens.shape[1], pos_ids, x.dtype)
 
     def layer_step(x, inputs):
         block, layer = inputs
-        z = _attention(cfg, block, layer, x, x, x, precision)
+        z = _attention(cfg, block, layer, x, x, x, precision, rot=rot)
+        x_before = x
         if collect:
             results = jnp.einsum("hbqe,hed->hbqd", z, block.attn.W_O, precision=precision)
             x = x + (results.sum(0) + _lead(block.attn.b_O, 3))
@@ -351,7 +431,7 @@ def _residual_forward(model, tokens, positions, pos_ids, collect: bool):
             x = x + jnp.einsum("hbqe,hed->bqd", z, block.attn.W_O, precision=precision) + _lead(block.attn.b_O, 3)
         outs = [results] if collect else []
         if cfg.has_mlp:
-            m = _mlp(cfg, block, x, precision)
+            m = _mlp(cfg, block, x_before if cfg.parallel else x, precision)  # parallel: the same residual as the heads
             x = x + m
             if collect:
                 outs.append(m[None])
@@ -421,7 +501,7 @@ class Ablation(eqx.Module):
         before = jnp.cumsum(layer_total, axis=0)
         start = values[0][None]
         base_attn = jnp.concatenate([start, start + before[:-1]], axis=0)
-        base_mlp = base_attn + heads if M else None
+        base_mlp = (base_attn if cfg.parallel else base_attn + heads) if M else None  # parallel: not its own heads
         base_logits = values[0] + before[-1]
         return cls(values=values, base_attn=base_attn, base_mlp=base_mlp, base_logits=base_logits)
 
@@ -508,6 +588,7 @@ def gated_forward(
             embed_delta = probes.embed_scale * embed_delta
         deltas = deltas.at[0].set(embed_delta)
     n_pos = deltas.shape[2]
+    rot = rotary_tables(cfg, n_pos, pos_ids, deltas.dtype)
     gates = jax.tree.map(lambda g: g.astype(deltas.dtype), gates)  # gates follow the activation dtype
     if per_position and gates.logits.shape[0] != n_pos:
         raise InputError(f"per-position gates have {gates.logits.shape[0]} positions, the batch has {n_pos}")
@@ -534,7 +615,7 @@ def gated_forward(
         else:
             q_in = k_in = v_in = inputs
         offset = None if probes.pattern_offset is None else probes.pattern_offset[layer]
-        z = _attention(cfg, block, layer, q_in, k_in, v_in, precision, offset)
+        z = _attention(cfg, block, layer, q_in, k_in, v_in, precision, offset, rot)
         results = _dropped(jnp.einsum("hbqe,hed->hbqd", z, block.attn.W_O, precision=precision), layer, probes.drop_layer)
         ablated = lax.dynamic_slice_in_dim(ablation.values, first, H, axis=0)
         deltas = lax.dynamic_update_slice_in_dim(deltas, results - ablated, first, axis=0)

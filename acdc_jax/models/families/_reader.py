@@ -1,0 +1,83 @@
+"""What every family's key map shares: reading named tensors of a known shape, once each."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .._config import ConfigError, TransformerConfig
+
+
+class StateReader:
+    """Hands out a Hugging Face state dict's tensors by name, checking each shape and that every
+    tensor of the checkpoint was used (except buffers matching ``ignore``)."""
+
+    def __init__(self, state: dict[str, np.ndarray], family: str, where: str = "", ignore: str = r"$^"):
+        from .._loading import LoadError, check_finite
+
+        self._state, self._family, self._where = state, family, where
+        self._ignore = re.compile(ignore)
+        self._used: set[str] = set()
+        self._error, self._check_finite = LoadError, check_finite
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._state
+
+    def __call__(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in self._state:
+            raise self._error(f"tensor {name}{self._where} is missing (a {self._family} checkpoint with this config.json needs it)")
+        raw = self._state[name]
+        value = np.asarray(raw) if raw.dtype == np.float64 else np.asarray(raw, dtype=np.float32)
+        if value.shape != shape:
+            raise self._error(f"tensor {name}{self._where} has shape {value.shape}, expected {shape} from config.json")
+        self._check_finite(name, value, self._where)
+        self._used.add(name)
+        return value
+
+    def optional(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The tensor if the checkpoint has it (a bias the config may switch off), else zeros."""
+        return self(name, shape) if name in self._state else np.zeros(shape, np.float32)
+
+    def skip(self, name: str) -> None:
+        """A tensor that is read elsewhere or not at all (a tied copy)."""
+        self._used.add(name)
+
+    def finish(self) -> None:
+        unexpected = sorted(k for k in self._state if k not in self._used and not self._ignore.search(k))
+        if unexpected:
+            more = " ..." if len(unexpected) > 8 else ""
+            raise self._error(f"unexpected tensors{self._where} for a {self._family} LM checkpoint: {unexpected[:8]}{more}")
+
+
+def build_config(family: str, **fields) -> TransformerConfig:
+    """A ``TransformerConfig``, with a config error reported as a load error naming the family."""
+    from .._loading import LoadError
+
+    try:
+        return TransformerConfig(**fields)
+    except ConfigError as err:
+        raise LoadError(f"config.json describes a {family} model acdc-jax cannot build: {err}") from err
+
+
+def rope_settings(hf: dict, d_head: int, family: str) -> dict:
+    """``rotary_base``, ``rotary_dim`` and ``rope_scaling`` from either config format: transformers
+    >= 5 writes ``rope_parameters`` (``rope_theta``, ``rope_type``, ``partial_rotary_factor`` and
+    the scaling's fields); older files have ``rope_theta`` and ``rope_scaling`` at the top level
+    (GPT-NeoX: ``rotary_emb_base``, ``rotary_pct``)."""
+    from .._loading import LoadError
+
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    base = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
+    fraction = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        scaling = None
+    elif kind == "linear":
+        scaling = ("linear", float(params["factor"]))
+    elif kind == "llama3":
+        scaling = ("llama3", float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"]),
+                   int(params["original_max_position_embeddings"]))
+    else:
+        raise LoadError(f"{family}: rope type {kind!r} is not supported (supported: default, linear, llama3)")
+    return {"rotary_base": float(base), "rotary_dim": int(d_head * fraction), "rope_scaling": scaling}

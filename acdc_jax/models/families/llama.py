@@ -1,0 +1,103 @@
+"""Llama (2, 3, 3.1, 3.2), Mistral, Qwen2/Qwen2.5 and Qwen3: one key map, since their checkpoints
+name every tensor alike.
+
+RMSNorm before attention and MLP, rotary q/k (with Llama 3's ``rope_scaling``), grouped-query
+attention, the gated SiLU MLP ``down(silu(gate(x)) * up(x))``, tied or untied unembedding. What
+differs is data: Qwen2 has q/k/v biases, Llama optional ones (``attention_bias``, ``mlp_bias``),
+Qwen3 an RMSNorm over each head's q and k (``q_norm``, ``k_norm``), Mistral a sliding window.
+
+HF's ``nn.Linear`` stores ``[out, in]`` and computes ``x @ W.T``; ``q_proj.weight`` rows are the
+heads one after another, so ``W_Q[h] = q_proj.weight[h*E:(h+1)*E].T``, and ``o_proj.weight``
+columns are the merged heads, so ``W_O[h] = o_proj.weight[:, h*E:(h+1)*E].T``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._config import TransformerConfig
+from ._reader import StateReader, build_config, rope_settings
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_new", "gelu_new": "gelu_new"}
+
+
+def config_from_hf(hf: dict, name: str = "") -> TransformerConfig:
+    from .._loading import LoadError
+
+    model_type = hf["model_type"]
+    family = _NAMES[model_type]
+    if hf.get("use_sliding_window"):
+        raise LoadError(
+            f"{family} with use_sliding_window=true (sliding attention in some layers only) is not supported; "
+            "set it to false if your prompts are shorter than sliding_window"
+        )
+    act = hf.get("hidden_act", "silu")
+    if act not in _ACTIVATIONS:
+        raise LoadError(f"{family}: hidden_act {act!r} is not supported; known: {sorted(_ACTIVATIONS)}")
+    d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
+    d_head = hf.get("head_dim") or d_model // n_heads
+    return build_config(
+        family,
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        d_model=d_model,
+        d_head=d_head,
+        d_mlp=hf["intermediate_size"],
+        d_vocab=hf["vocab_size"],
+        n_ctx=hf.get("max_position_embeddings", 2048),
+        act_fn=_ACTIVATIONS[act],
+        normalization="rms",
+        ln_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        causal=True,
+        tied_unembed=bool(hf.get("tie_word_embeddings", False)),
+        positional="rotary",
+        **rope_settings(hf, d_head, family),
+        qk_norm=model_type == "qwen3",
+        gated_mlp=True,
+        sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+        name=name,
+    )
+
+
+def state_dict_to_ours(config: TransformerConfig, state: dict[str, np.ndarray], where: str = "") -> dict[str, np.ndarray]:
+    take = StateReader(state, "Llama-family", where, ignore=r"rotary_emb\.inv_freq$")
+    L, H, KV, D, E, M = config.n_layers, config.n_heads, config.n_kv_heads, config.d_model, config.d_head, config.d_mlp
+    per_layer: dict[str, list[np.ndarray]] = {}
+
+    def add(name, value):
+        per_layer.setdefault(name, []).append(value)
+
+    for l in range(L):
+        p = f"model.layers.{l}."
+        a = p + "self_attn."
+        add("blocks.ln1.w", take(p + "input_layernorm.weight", (D,)))
+        for w, n in (("Q", H), ("K", KV), ("V", KV)):
+            proj = f"{a}{w.lower()}_proj."
+            add(f"blocks.attn.W_{w}", take(proj + "weight", (n * E, D)).reshape(n, E, D).transpose(0, 2, 1))
+            add(f"blocks.attn.b_{w}", take.optional(proj + "bias", (n * E,)).reshape(n, E))
+        add("blocks.attn.W_O", take(a + "o_proj.weight", (D, H * E)).T.reshape(H, E, D))
+        add("blocks.attn.b_O", take.optional(a + "o_proj.bias", (D,)))
+        if config.qk_norm:
+            add("blocks.attn.q_norm", take(a + "q_norm.weight", (E,)))
+            add("blocks.attn.k_norm", take(a + "k_norm.weight", (E,)))
+        add("blocks.ln2.w", take(p + "post_attention_layernorm.weight", (D,)))
+        m = p + "mlp."
+        add("blocks.mlp.W_gate", take(m + "gate_proj.weight", (M, D)).T)
+        add("blocks.mlp.b_gate", take.optional(m + "gate_proj.bias", (M,)))
+        add("blocks.mlp.W_in", take(m + "up_proj.weight", (M, D)).T)
+        add("blocks.mlp.b_in", take.optional(m + "up_proj.bias", (M,)))
+        add("blocks.mlp.W_out", take(m + "down_proj.weight", (D, M)).T)
+        add("blocks.mlp.b_out", take.optional(m + "down_proj.bias", (D,)))
+    out = {"embed.W_E": take("model.embed_tokens.weight", (config.d_vocab, D))}
+    out |= {k: np.stack(v) for k, v in per_layer.items()}
+    out["ln_final.w"] = take("model.norm.weight", (D,))
+    if config.tied_unembed:
+        take.skip("lm_head.weight")  # a tied copy, when saved at all
+    else:
+        out["unembed.W_U"] = take("lm_head.weight", (config.d_vocab, D)).T
+    out["unembed.b_U"] = np.zeros((config.d_vocab_out,), np.float32)
+    take.finish()
+    return out

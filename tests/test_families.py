@@ -1,0 +1,193 @@
+"""Llama, Mistral, Qwen2, Qwen3 and GPT-NeoX/Pythia, loaded from folders that ``transformers`` wrote
+with ``save_pretrained``: logits against ``transformers`` (1e-5 relative to the largest logit), the
+gated forward against the float64 plain reference, gate gradients against finite differences."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import acdc_jax as aj  # noqa: E402
+from acdc_jax.models import LoadError, build_model, load_model, model_arrays  # noqa: E402
+
+from . import reference  # noqa: E402
+
+VOCAB = 37
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=64, initializer_range=0.2)
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+# name -> (config class, options): GQA with 2 and 4 query heads per kv head, a window shorter than the
+# prompts, biases, q/k norm with head_dim != d_model / n_heads, tied and untied unembeddings, parallel
+# and sequential GPT-NeoX with partial rotary
+CASES = {
+    "llama-gqa-llama3-tied": ("LlamaConfig", dict(num_key_value_heads=2, rope_scaling=LLAMA3, tie_word_embeddings=True)),
+    "llama-mqa-biases": ("LlamaConfig", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)),
+    "mistral-window": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=3, head_dim=8)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
+    "qwen3-qk-norm": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=12, tie_word_embeddings=True)),
+    "pythia-parallel": ("GPTNeoXConfig", dict(rotary_pct=0.25)),
+    "neox-sequential": ("GPTNeoXConfig", dict(use_parallel_residual=False, rotary_pct=0.5)),
+}
+N_POS = 7  # longer than the sliding window
+
+
+def _hf_model(case, seed=0):
+    cls, options = CASES[case]
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**COMMON, **options)).eval()
+    with torch.no_grad():  # norms and biases away from their 1 / 0 initialisation, so that they matter
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """case -> (folder written by save_pretrained, the transformers model)."""
+    out = {}
+    for case in CASES:
+        model = _hf_model(case)
+        folder = tmp_path_factory.mktemp(case)
+        model.save_pretrained(folder)
+        out[case] = (folder, model)
+    return out
+
+
+def _tokens(seed, batch=3):
+    return np.random.RandomState(seed).randint(0, VOCAB, (batch, N_POS))
+
+
+def _hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.double().numpy()
+
+
+def _assert_logits_close(ours, theirs):
+    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=0, atol=1e-5 * np.abs(theirs).max())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers(saved, case):
+    folder, hf = saved[case]
+    model = load_model(folder)
+    tokens = _tokens(0)
+    _assert_logits_close(model(tokens), _hf_logits(hf, tokens))
+
+
+def test_what_each_option_changes_is_visible():
+    """The options the parity cases exercise change the logits (so parity on them is a real check)."""
+    import dataclasses
+
+    tokens = _tokens(0)
+    for case, field, off in [("mistral-window", "sliding_window", None), ("llama-gqa-llama3-tied", "rope_scaling", None),
+                             ("pythia-parallel", "parallel", False), ("neox-sequential", "rotary_dim", 2)]:
+        base = aj.init_model(_config(case), jax.random.PRNGKey(0), std=0.3)
+        changed = build_model(dataclasses.replace(base.config, **{field: off}), model_arrays(base))
+        assert np.abs(np.asarray(base(tokens)) - np.asarray(changed(tokens))).max() > 1e-3, (case, field)
+
+
+def _config(case):
+    from acdc_jax.models.families import FAMILIES
+
+    cls, options = CASES[case]
+    hf = getattr(transformers, cls)(**COMMON, **options).to_dict()
+    return FAMILIES[hf["model_type"]].config_from_hf(hf, name=case)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_and_sharded_files(tmp_path, dtype):
+    """bf16/fp16 safetensors split into shards (``model.safetensors.index.json``) load as float32."""
+    hf = _hf_model("llama-gqa-llama3-tied").to(getattr(torch, dtype))
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    model = load_model(tmp_path)
+    assert model.dtype == jnp.float32
+    # the reference: transformers reading the same files into float32 (``hf.float()`` would keep
+    # the rotary frequencies rounded to half precision)
+    wide = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    tokens = _tokens(0)
+    _assert_logits_close(model(tokens), _hf_logits(wide, tokens))
+
+
+def test_torch_bin_files(tmp_path):
+    hf = _hf_model("pythia-parallel")
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    hf.config.save_pretrained(tmp_path)
+    tokens = _tokens(0)
+    _assert_logits_close(load_model(tmp_path)(tokens), _hf_logits(hf, tokens))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gated_forward_on_every_family(saved, case):
+    """All gates 1 = the model; all gates 0 = the corrupted model; random gates in float64 = the plain
+    reference (edge and node level); d(logits . w)/d gates = central finite differences."""
+    model = load_model(saved[case][0])
+    clean, corrupt = _tokens(0), _tokens(1)
+    graph = aj.Graph.from_model(model)
+    if model.config.parallel:
+        assert not any(e.startswith("a1.") and e.endswith("->mlp1") for e in graph.edges)
+    run = aj.GatedRun(model, graph, clean, aj.make_ablation(model, "corrupt", corrupt_tokens=corrupt))
+    _assert_logits_close(run(graph.gates(1.0)), np.asarray(model(clean), np.float64))
+    _assert_logits_close(run(graph.gates(0.0)), np.asarray(model(corrupt), np.float64))
+    with jax.enable_x64(True):
+        wide = model.astype(jnp.float64)
+        rng = np.random.RandomState(3)
+        for level in ("edge", "node"):
+            g = aj.Graph.from_model(wide, level=level)
+            run64 = aj.GatedRun(wide, g, clean, aj.make_ablation(wide, "corrupt", corrupt_tokens=corrupt))
+            gates = rng.uniform(size=g.n_gates)
+            expected = reference.gated_logits(wide, g, clean, gates, run64.ablation.values)
+            np.testing.assert_allclose(run64(jnp.asarray(gates)), expected, atol=1e-10, rtol=1e-10)
+        run64 = aj.GatedRun(wide, graph, clean, aj.make_ablation(wide, "corrupt", corrupt_tokens=corrupt))
+        w = jnp.asarray(rng.normal(size=np.shape(run64(graph.gates(1.0, jnp.float64)))))
+        f = lambda gates: (run64(gates) * w).sum()  # noqa: E731
+        at = jnp.asarray(rng.uniform(size=graph.n_gates))
+        grad = np.asarray(jax.grad(f)(at))
+        eps = 1e-6
+        for i in rng.choice(graph.n_gates, 4, replace=False):
+            step = jnp.zeros(graph.n_gates).at[i].set(eps)
+            fd = (f(at + step) - f(at - step)) / (2 * eps)
+            np.testing.assert_allclose(grad[i], fd, rtol=1e-6, atol=1e-8)
+        assert np.abs(grad).max() > 1e-3
+
+
+def test_unsupported_configs_fail_clearly(tmp_path):
+    def write(cls, **options):
+        getattr(transformers, cls)(**COMMON, **options).save_pretrained(tmp_path)
+
+    write("Qwen2Config", use_sliding_window=True, sliding_window=4)
+    with pytest.raises(LoadError, match="use_sliding_window=true"):
+        load_model(tmp_path)
+    write("LlamaConfig", rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16})
+    with pytest.raises(LoadError, match="rope type 'yarn' is not supported"):
+        load_model(tmp_path)
+    write("Gemma2Config")
+    with pytest.raises(LoadError, match="unknown architecture: model_type='gemma2'.*llama, mistral"):
+        load_model(tmp_path)
+
+
+def test_atp_star_qk_fix_is_exact_with_rotary_gqa_and_qk_norm():
+    """One attention layer, no LayerNorm, logit_diff: linear after the softmax, so AtP*'s QK fix is
+    the exact effect of every q/k edge, also when the keys are rotated, shared by two query heads and
+    RMS-normed (it must recompute the pattern as the forward does)."""
+    from acdc_jax.methods import Problem
+    from acdc_jax.methods._gradients import exact_unit_effects
+    from acdc_jax.methods.atp_star import atp_estimates
+
+    from .test_gradient_methods import _random_model, _toy_task
+
+    cfg = aj.TransformerConfig(n_layers=1, n_heads=4, n_kv_heads=2, d_model=8, d_head=4, d_vocab=11, n_ctx=6,
+                               normalization=None, tied_unembed=False, positional="rotary", qk_norm=True)
+    with jax.enable_x64(True):
+        model = _random_model(cfg, 1, 1.0)
+        problem = Problem.build(model, _toy_task(model, "logit_diff", seed=1), metric="logit_diff", ablation="corrupt")
+        exact = exact_unit_effects(problem)
+        atp = atp_estimates(problem)[0]
+    qk = np.array([e.endswith((".q", ".k")) for e in problem.graph.edges])
+    assert np.abs(exact[qk]).max() > 1e-2
+    np.testing.assert_allclose(atp, exact, rtol=1e-9, atol=1e-9)
