@@ -227,7 +227,7 @@ def info(
                 config = load_model(model).config
         except LoadError as err:
             _fail(str(err))
-        kv = f" ({config.n_kv_heads} key/value)" if config.n_kv_heads != config.n_heads else ""
+        kv = f" ({config.kv_heads} key/value)" if config.kv_heads != config.n_heads else ""
         extras = [config.positional + " positions", "parallel attention/MLP" if config.parallel else ""]
         table = Table(title=f"{config.name or model}: {config.n_layers} layers, {config.n_heads} heads{kv}, "
                             f"d_model {config.d_model}, {'MLPs' if config.has_mlp else 'attention only'}, "

@@ -5,8 +5,17 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# The CLI would turn on the persistent compilation cache for the whole test process; its own test turns it on.
+# The CLI would turn on its persistent compilation cache for the whole test process; its own test turns it on.
 os.environ.setdefault("ACDC_JAX_COMPILE_CACHE", "0")
+# One XLA compilation cache for this test run, shared by both xdist workers (they inherit the
+# controller's environment), the notebook kernels and the CLI subprocesses: the suite drops compiled
+# code after every module (below) and many modules compile the same programs. A fresh directory per
+# run, so nothing carries over between runs.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="acdc-jax-tests-xla-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 

@@ -101,7 +101,7 @@ def gated_logits(model: Transformer, graph: Graph, tokens, gates, ablated_values
             ins = {}
             for t in "qkv":
                 ins[t] = _norm(cfg, p, "blocks.ln1", l, dst_input(f"{head}.{t}" if graph.qkv_split else head, l))
-            kv = h // (cfg.n_heads // cfg.n_kv_heads)  # the key/value head this query head reads
+            kv = h // cfg.kv_group  # the key/value head this query head reads
             q = ins["q"] @ p["blocks.attn.W_Q"][l, h] + p["blocks.attn.b_Q"][l, h]
             k = ins["k"] @ p["blocks.attn.W_K"][l, kv] + p["blocks.attn.b_K"][l, kv]
             v = ins["v"] @ p["blocks.attn.W_V"][l, kv] + p["blocks.attn.b_V"][l, kv]

@@ -12,7 +12,8 @@ COMMAND = [sys.executable, "-m", "acdc_jax.cli", "discover", "--task", "tracr-re
 def _run(cache_dir, *extra):
     env = {**os.environ, "ACDC_JAX_CACHE_DIR": str(cache_dir), "ACDC_JAX_COMPILE_CACHE": "1",
            "JAX_LOG_COMPILES": "0"}
-    env.pop("XLA_FLAGS", None)
+    for name in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        env.pop(name, None)  # the test suite's own cache (conftest) must not stand in for the CLI's
     out = subprocess.run(COMMAND + list(extra), env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
@@ -37,7 +38,8 @@ def test_second_run_reuses_the_cache_and_prints_the_same_circuit(tmp_path):
 def test_no_compile_cache_writes_nothing(tmp_path):
     cache = tmp_path / "cache"
     env = {**os.environ, "ACDC_JAX_CACHE_DIR": str(cache), "ACDC_JAX_COMPILE_CACHE": "1"}
-    env.pop("XLA_FLAGS", None)
+    for name in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        env.pop(name, None)
     cmd = [sys.executable, "-m", "acdc_jax.cli", "--no-compile-cache"] + COMMAND[3:]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr

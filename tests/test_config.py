@@ -18,7 +18,9 @@ def test_gpt2_presets():
         (dict(n_layers=0), "n_layers must be a positive int"),
         (dict(d_mlp=-3), "d_mlp must be a positive int or None"),
         (dict(act_fn="swiglu"), "unknown act_fn 'swiglu'"),
-        (dict(normalization="rms"), "normalization must be 'ln' or None"),
+        (dict(normalization="batchnorm"), "normalization must be 'ln', 'rms' or None"),
+        (dict(n_kv_heads=3), "n_kv_heads must be a positive divisor of n_heads=2, got 3"),
+        (dict(positional="alibi"), "positional must be 'learned', 'rotary' or 'none'"),
         (dict(d_vocab_out=7), "tied_unembed needs d_vocab_out == d_vocab"),
     ],
 )

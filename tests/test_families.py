@@ -106,6 +106,12 @@ def test_half_precision_and_sharded_files(tmp_path, dtype):
     hf.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     model = load_model(tmp_path)
+    if dtype == "float16":  # a missing shard is named
+        shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+        shard.rename(tmp_path / "moved")
+        with pytest.raises(LoadError, match=f"lists shards that are not in .*{shard.name}"):
+            load_model(tmp_path)
+        (tmp_path / "moved").rename(shard)
     assert model.dtype == jnp.float32
     # the reference: transformers reading the same files into float32 (``hf.float()`` would keep
     # the rotary frequencies rounded to half precision)
@@ -166,6 +172,9 @@ def test_unsupported_configs_fail_clearly(tmp_path):
     write("LlamaConfig", rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16})
     with pytest.raises(LoadError, match="rope type 'yarn' is not supported"):
         load_model(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 2}')
+    with pytest.raises(LoadError, match="lacks the field 'hidden_size'"):
+        load_model(tmp_path)
     write("Gemma2Config")
     with pytest.raises(LoadError, match="unknown architecture: model_type='gemma2'.*llama, mistral"):
         load_model(tmp_path)
@@ -191,3 +200,66 @@ def test_atp_star_qk_fix_is_exact_with_rotary_gqa_and_qk_norm():
     qk = np.array([e.endswith((".q", ".k")) for e in problem.graph.edges])
     assert np.abs(exact[qk]).max() > 1e-2
     np.testing.assert_allclose(atp, exact, rtol=1e-9, atol=1e-9)
+
+
+# one model with every family feature at once: GQA, q/k norm, partial rotary, sliding window, RMSNorm,
+# gated SiLU MLP, parallel blocks
+ALL_FEATURES = aj.TransformerConfig(
+    n_layers=2, n_heads=4, n_kv_heads=2, d_model=16, d_head=4, d_mlp=24, d_vocab=19, n_ctx=8, act_fn="silu",
+    normalization="rms", positional="rotary", rotary_dim=2, qk_norm=True, gated_mlp=True, parallel=True,
+    sliding_window=4, tied_unembed=False,
+)
+
+
+def _all_features_task(n_prompts=4, seed=0):
+    from acdc_jax.tasks import Task
+
+    rng = np.random.RandomState(seed)
+    n_pos = ALL_FEATURES.n_ctx - 1
+    clean = rng.randint(0, ALL_FEATURES.d_vocab, (n_prompts, n_pos))
+    answers = rng.randint(0, ALL_FEATURES.d_vocab, (n_prompts, 1))
+    return Task(name="random-logit-diff", clean=clean, corrupt=rng.randint(0, ALL_FEATURES.d_vocab, clean.shape),
+                positions=np.full((n_prompts, 1), n_pos - 1), metric="logit_diff", answers=answers,
+                wrong_answers=(answers + 1) % ALL_FEATURES.d_vocab,
+                labels={"A": np.full(n_prompts, 2), "END": np.full(n_prompts, n_pos - 1)})
+
+
+def test_acdc_equals_the_plain_loop_on_a_model_with_every_family_feature():
+    from acdc_jax.methods import Problem, acdc
+
+    from .test_acdc import plain_acdc
+
+    model = aj.init_model(ALL_FEATURES, jax.random.PRNGKey(0), std=0.5)
+    problem = Problem.build(model, _all_features_task(), metric="kl")
+    gap = problem.ablated_value() - problem.clean_value()
+    sizes = []
+    for threshold in (0.01 * gap, 0.05 * gap):
+        expected = plain_acdc(problem, threshold)
+        circuit = acdc(problem, threshold=threshold, max_batch=8)
+        assert set(circuit.kept) == expected, (threshold, set(circuit.kept) ^ expected)
+        sizes.append(len(expected))
+    assert any(0 < size < problem.graph.n_gates for size in sizes), sizes
+
+
+METHOD_OPTIONS = {"acdc": dict(threshold=0.01), "acdc-nodes": dict(threshold=0.01), "path-patching": dict(threshold=0.01),
+                  "learned-mask": dict(steps=20), "learned-mask-nodes": dict(steps=20), "node-patching": {}}
+
+
+def test_every_method_runs_on_a_model_with_every_family_feature():
+    """Every registered method on one layer of the all-features model (one problem per granularity,
+    so that the methods share compilations)."""
+    import dataclasses
+
+    from acdc_jax.methods import Problem, get_method, method_names
+
+    model = aj.init_model(dataclasses.replace(ALL_FEATURES, n_layers=1), jax.random.PRNGKey(0), std=0.5)
+    task = _all_features_task()
+    problems = {level: Problem.build(model, task, level=level) for level in ("edge", "node")}
+    assert not any(e.startswith("a0.") and e.endswith("->mlp0") for e in problems["edge"].graph.edges)  # parallel
+    for name in method_names():
+        spec = get_method(name)
+        circuit = spec.fn(problems[spec.level], **METHOD_OPTIONS.get(name, dict(top_n=5)))
+        assert circuit.graph.level == spec.level, name
+        scores = np.asarray(circuit.scores, np.float64)
+        assert np.any(np.isfinite(scores)) and np.nanmax(np.abs(scores)) > 0, name
+        assert np.isfinite(circuit.metric_value), name

@@ -103,21 +103,24 @@ def test_gates_from_names():
     assert gates.sum() == 2 and gates[g.index("a3.4->mlp7")] == 1
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     n_layers=st.integers(1, 4),
     n_heads=st.integers(1, 4),
     has_mlp=st.booleans(),
     qkv_split=st.booleans(),
     internal=st.booleans(),
+    parallel=st.booleans(),
 )
-def test_graph_properties_for_any_shape(n_layers, n_heads, has_mlp, qkv_split, internal):
-    """Edge count formula, name round trip, and each gate landing exactly where its edge reads."""
+def test_graph_properties_for_any_shape(n_layers, n_heads, has_mlp, qkv_split, internal, parallel):
+    """Edge count formula, name round trip, and each gate landing exactly where its edge reads.
+    ``parallel`` (GPT-NeoX): an MLP reads no head of its own layer."""
     internal = internal and qkv_split
-    g = aj.Graph(n_layers, n_heads, has_mlp, qkv_split, internal_edges=internal)
+    g = aj.Graph(n_layers, n_heads, has_mlp, qkv_split, internal_edges=internal, parallel=parallel)
     per_head = 3 if qkv_split else 1
     M = int(has_mlp)
-    expected = sum(per_head * n_heads * (1 + l * (n_heads + M)) + M * (1 + l * (n_heads + M) + n_heads) for l in range(n_layers))
+    own_heads = 0 if parallel else n_heads
+    expected = sum(per_head * n_heads * (1 + l * (n_heads + M)) + M * (1 + l * (n_heads + M) + own_heads) for l in range(n_layers))
     expected += 1 + n_layers * (n_heads + M) + (3 * n_heads * n_layers if internal else 0)
     assert g.n_edges == expected
     assert len(set(g.edges)) == g.n_edges and all(g.index(e) == i for i, e in enumerate(g.edges))
@@ -127,6 +130,6 @@ def test_graph_properties_for_any_shape(n_layers, n_heads, has_mlp, qkv_split, i
     residual = [i for i, e in enumerate(g.edges) if e not in g.internal_edge_names]
     if not internal:
         np.testing.assert_allclose(total, gates[residual].sum(), rtol=1e-5)
-    node = aj.Graph(n_layers, n_heads, has_mlp, qkv_split, level="node")
+    node = aj.Graph(n_layers, n_heads, has_mlp, qkv_split, level="node", parallel=parallel)
     node_dense = node.dense(np.ones(node.n_gates, np.float32))
     assert float(node_dense.logits.sum()) == node.n_sources

@@ -192,9 +192,9 @@ def test_gpt2_by_name_explains_that_weights_are_not_shipped(monkeypatch, tmp_pat
 
 def test_unknown_architecture(hf_dir):
     cfg = json.loads((hf_dir / "config.json").read_text())
-    cfg["model_type"] = "llama"
+    cfg["model_type"] = "bloom"  # ALiBi: not a supported family
     (hf_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(LoadError, match="unknown architecture: model_type='llama'"):
+    with pytest.raises(LoadError, match="unknown architecture: model_type='bloom'.*gpt2.*gpt_neox, llama, mistral, qwen2, qwen3"):
         aj.load_model(hf_dir)
 
 
@@ -266,7 +266,7 @@ def test_damaged_files_are_named_with_what_to_do(tmp_path, kind):
         _truncate(directory / damaged)
     with pytest.raises(LoadError, match=rf"{damaged} is damaged or truncated .*re-download it or save the model again"):
         aj.load_model(directory)
-    result = CliRunner().invoke(app, ["info", "--model", str(directory)])
+    result = CliRunner().invoke(app, ["discover", "--model", str(directory), "--task", "tracr-reverse", "--method", "eap"])
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and f"{damaged} is damaged or truncated" in lines[0], result.output

@@ -97,10 +97,10 @@ def node_weight_scores(problem: Problem, grads) -> dict[str, dict[str, float]]:
     """Per node of the graph: ``grad_norm`` and ``saliency`` (``sum theta * grad``) of its parameters."""
     model = problem.model
     cfg = model.config
-    if cfg.n_kv_heads != cfg.n_heads or cfg.qk_norm:
+    if cfg.kv_heads != cfg.n_heads or cfg.qk_norm:
         raise ValueError(
             "weight-gradient node scores are per head, and this model shares parameters between heads "
-            f"(n_kv_heads={cfg.n_kv_heads} of n_heads={cfg.n_heads}, qk_norm={cfg.qk_norm}); run wrong-answer without weights=True"
+            f"(n_kv_heads={cfg.kv_heads} of n_heads={cfg.n_heads}, qk_norm={cfg.qk_norm}); run wrong-answer without weights=True"
         )
     attn, g_attn = model.blocks.attn, grads.blocks.attn
     norm2: dict[str, float] = {}

@@ -96,9 +96,10 @@ class TransformerConfig:
             raise ConfigError(f"normalization must be 'ln', 'rms' or None, got {self.normalization!r}")
         if self.positional not in ("learned", "rotary", "none"):
             raise ConfigError(f"positional must be 'learned', 'rotary' or 'none', got {self.positional!r}")
-        if self.n_kv_heads is None:
-            object.__setattr__(self, "n_kv_heads", self.n_heads)
-        if not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
+        # n_kv_heads stays None when unset (not filled in), so that dataclasses.replace(n_heads=...) works
+        if self.n_kv_heads is not None and (
+            not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads
+        ):
             raise ConfigError(f"n_kv_heads must be a positive divisor of n_heads={self.n_heads}, got {self.n_kv_heads!r}")
         if self.positional == "rotary":
             if self.rotary_dim is None:
@@ -132,7 +133,12 @@ class TransformerConfig:
     @property
     def kv_group(self) -> int:
         """Query heads per key/value head (1 without grouped-query attention)."""
-        return self.n_heads // self.n_kv_heads
+        return self.n_heads // self.kv_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_heads``, or ``n_heads`` without grouped-query attention."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     def rotary_inv_freq(self):
         """The rotary inverse frequencies ``[rotary_dim / 2]`` (float64), HF's ``inv_freq`` with its scaling."""

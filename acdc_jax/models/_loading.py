@@ -51,7 +51,7 @@ def shipped_model_names() -> list[str]:
 def expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter of a model with this config, in our naming, with its shape."""
     L, H, D, E = config.n_layers, config.n_heads, config.d_model, config.d_head
-    KV = config.n_kv_heads
+    KV = config.kv_heads
     shapes = {"embed.W_E": (config.d_vocab, D)}
     if config.positional == "learned":
         shapes["embed.W_pos"] = (config.n_ctx, D)
@@ -400,6 +400,9 @@ def _read_hf_weights(path: Path) -> tuple[dict[str, np.ndarray], str]:
         from safetensors.numpy import load_file
 
         shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        missing = [shard for shard in shards if not (path / shard).exists()]
+        if missing:
+            raise LoadError(f"{index} lists shards that are not in {path}: {', '.join(missing)}; copy them beside it")
         state = {}
         for shard in shards:
             state |= _read_safetensors(path / shard, load_file)
@@ -466,7 +469,12 @@ def _hf_config(path: Path):
     hf = _read_json(path / "config.json")
     name = hf.get("_name_or_path") or path.name
     family = FAMILIES.get(hf.get("model_type"))
-    return (hf_config_to_ours(hf, name=name) if family is None else family.config_from_hf(hf, name=name)), family
+    if family is None:
+        return hf_config_to_ours(hf, name=name), None
+    try:
+        return family.config_from_hf(hf, name=name), family
+    except KeyError as err:
+        raise LoadError(f"{path / 'config.json'} (model_type {hf['model_type']!r}) lacks the field {err.args[0]!r}: re-save the config") from err
 
 
 def hf_directory_config(path: str | os.PathLike) -> TransformerConfig:

@@ -64,7 +64,7 @@ def config_from_hf(hf: dict, name: str = "") -> TransformerConfig:
 
 def state_dict_to_ours(config: TransformerConfig, state: dict[str, np.ndarray], where: str = "") -> dict[str, np.ndarray]:
     take = StateReader(state, "Llama-family", where, ignore=r"rotary_emb\.inv_freq$")
-    L, H, KV, D, E, M = config.n_layers, config.n_heads, config.n_kv_heads, config.d_model, config.d_head, config.d_mlp
+    L, H, KV, D, E, M = config.n_layers, config.n_heads, config.kv_heads, config.d_model, config.d_head, config.d_mlp
     per_layer: dict[str, list[np.ndarray]] = {}
 
     def add(name, value):
