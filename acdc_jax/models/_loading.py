@@ -20,6 +20,7 @@ import numpy as np
 from ._config import GPT2_SHAPES, ConfigError, TransformerConfig
 from ._transformer import MLP, Attention, Block, Embed, LayerNorm, Transformer, Unembed
 from .families import FAMILIES
+from .families._reader import LayerStack, StateReader, unembedding
 
 
 class LoadError(ValueError):
@@ -307,24 +308,10 @@ def hf_state_dict_to_ours(config: TransformerConfig, state: dict[str, np.ndarray
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     L, H, D, E = config.n_layers, config.n_heads, config.d_model, config.d_head
     M = config.d_mlp
-    used: set[str] = set()
-
-    def take(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in state:
-            raise LoadError(f"tensor {name}{where} is missing (a GPT-2 checkpoint with {L} layers needs it)")
-        value = np.asarray(state[name], dtype=np.float32) if state[name].dtype != np.float64 else np.asarray(state[name])
-        if value.shape != shape:
-            raise LoadError(f"tensor {name}{where} has shape {value.shape}, expected {shape} from config.json")
-        check_finite(name, value, where)
-        used.add(name)
-        return value
-
+    take = StateReader(state, "GPT-2", where, ignore=_HF_BUFFERS.pattern)
     out = {"embed.W_E": take("wte.weight", (config.d_vocab, D)), "embed.W_pos": take("wpe.weight", (config.n_ctx, D))}
-    per_layer: dict[str, list[np.ndarray]] = {}
-
-    def add(name, value):
-        per_layer.setdefault(name, []).append(value)
-
+    layers = LayerStack()
+    add = layers.add
     for l in range(L):
         p = f"h.{l}."
         add("blocks.ln1.w", take(p + "ln_1.weight", (D,)))
@@ -342,17 +329,11 @@ def hf_state_dict_to_ours(config: TransformerConfig, state: dict[str, np.ndarray
         add("blocks.mlp.b_in", take(p + "mlp.c_fc.bias", (M,)))
         add("blocks.mlp.W_out", take(p + "mlp.c_proj.weight", (M, D)))
         add("blocks.mlp.b_out", take(p + "mlp.c_proj.bias", (D,)))
-    out |= {k: np.stack(v) for k, v in per_layer.items()}
+    out |= layers.stacked()
     out["ln_final.w"] = take("ln_f.weight", (D,))
     out["ln_final.b"] = take("ln_f.bias", (D,))
-    if config.tied_unembed:
-        used.add("lm_head.weight")  # a tied copy, when saved at all
-    else:
-        out["unembed.W_U"] = take("lm_head.weight", (config.d_vocab, D)).T
-    out["unembed.b_U"] = np.zeros((config.d_vocab_out,), np.float32)
-    unexpected = sorted(k for k in state if k not in used and not _HF_BUFFERS.match(k))
-    if unexpected:
-        raise LoadError(f"unexpected tensors{where} for a GPT-2 LM checkpoint: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    out |= unembedding(take, config, "lm_head.weight")
+    take.finish()
     return out
 
 

@@ -50,6 +50,29 @@ class StateReader:
             raise self._error(f"unexpected tensors{self._where} for a {self._family} LM checkpoint: {unexpected[:8]}{more}")
 
 
+class LayerStack:
+    """Per-layer tensors collected layer by layer, stacked on a leading layer axis at the end."""
+
+    def __init__(self):
+        self._items: dict[str, list[np.ndarray]] = {}
+
+    def add(self, name: str, value: np.ndarray) -> None:
+        self._items.setdefault(name, []).append(value)
+
+    def stacked(self) -> dict[str, np.ndarray]:
+        return {name: np.stack(values) for name, values in self._items.items()}
+
+
+def unembedding(take: StateReader, config: TransformerConfig, name: str) -> dict[str, np.ndarray]:
+    """``unembed.W_U`` (``[vocab, d_model]`` as HF stores it, transposed) unless tied, and a zero ``b_U``."""
+    out = {"unembed.b_U": np.zeros((config.d_vocab_out,), np.float32)}
+    if config.tied_unembed:
+        take.skip(name)  # a tied copy, when saved at all
+    else:
+        out["unembed.W_U"] = take(name, (config.d_vocab, config.d_model)).T
+    return out
+
+
 def build_config(family: str, **fields) -> TransformerConfig:
     """A ``TransformerConfig``, with a config error reported as a load error naming the family."""
     from .._loading import LoadError

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._config import TransformerConfig
-from ._reader import StateReader, build_config, rope_settings
+from ._reader import LayerStack, StateReader, build_config, rope_settings, unembedding
 
 MODEL_TYPES = ("gpt_neox",)
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
@@ -55,11 +55,8 @@ def config_from_hf(hf: dict, name: str = "") -> TransformerConfig:
 def state_dict_to_ours(config: TransformerConfig, state: dict[str, np.ndarray], where: str = "") -> dict[str, np.ndarray]:
     take = StateReader(state, "GPT-NeoX", where, ignore=r"attention\.(bias|masked_bias)$|rotary_emb\.inv_freq$")
     L, H, D, E, M = config.n_layers, config.n_heads, config.d_model, config.d_head, config.d_mlp
-    per_layer: dict[str, list[np.ndarray]] = {}
-
-    def add(name, value):
-        per_layer.setdefault(name, []).append(value)
-
+    layers = LayerStack()
+    add = layers.add
     for l in range(L):
         p = f"gpt_neox.layers.{l}."
         add("blocks.ln1.w", take(p + "input_layernorm.weight", (D,)))
@@ -78,15 +75,11 @@ def state_dict_to_ours(config: TransformerConfig, state: dict[str, np.ndarray], 
         add("blocks.mlp.W_out", take(p + "mlp.dense_4h_to_h.weight", (D, M)).T)
         add("blocks.mlp.b_out", take(p + "mlp.dense_4h_to_h.bias", (D,)))
     out = {"embed.W_E": take("gpt_neox.embed_in.weight", (config.d_vocab, D))}
-    out |= {k: np.stack(v) for k, v in per_layer.items()}
+    out |= layers.stacked()
     out["ln_final.w"] = take("gpt_neox.final_layer_norm.weight", (D,))
     out["ln_final.b"] = take("gpt_neox.final_layer_norm.bias", (D,))
     # checkpoints name the unembedding embed_out; transformers >= 5 calls the module lm_head
     head = "embed_out.weight" if "embed_out.weight" in take or "lm_head.weight" not in take else "lm_head.weight"
-    if config.tied_unembed:
-        take.skip(head)
-    else:
-        out["unembed.W_U"] = take(head, (config.d_vocab, D)).T
-    out["unembed.b_U"] = np.zeros((config.d_vocab_out,), np.float32)
+    out |= unembedding(take, config, head)
     take.finish()
     return out

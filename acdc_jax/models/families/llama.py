@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._config import TransformerConfig
-from ._reader import StateReader, build_config, rope_settings
+from ._reader import LayerStack, StateReader, build_config, rope_settings, unembedding
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
@@ -65,11 +65,8 @@ def config_from_hf(hf: dict, name: str = "") -> TransformerConfig:
 def state_dict_to_ours(config: TransformerConfig, state: dict[str, np.ndarray], where: str = "") -> dict[str, np.ndarray]:
     take = StateReader(state, "Llama-family", where, ignore=r"rotary_emb\.inv_freq$")
     L, H, KV, D, E, M = config.n_layers, config.n_heads, config.kv_heads, config.d_model, config.d_head, config.d_mlp
-    per_layer: dict[str, list[np.ndarray]] = {}
-
-    def add(name, value):
-        per_layer.setdefault(name, []).append(value)
-
+    layers = LayerStack()
+    add = layers.add
     for l in range(L):
         p = f"model.layers.{l}."
         a = p + "self_attn."
@@ -92,12 +89,8 @@ def state_dict_to_ours(config: TransformerConfig, state: dict[str, np.ndarray], 
         add("blocks.mlp.W_out", take(m + "down_proj.weight", (D, M)).T)
         add("blocks.mlp.b_out", take.optional(m + "down_proj.bias", (D,)))
     out = {"embed.W_E": take("model.embed_tokens.weight", (config.d_vocab, D))}
-    out |= {k: np.stack(v) for k, v in per_layer.items()}
+    out |= layers.stacked()
     out["ln_final.w"] = take("model.norm.weight", (D,))
-    if config.tied_unembed:
-        take.skip("lm_head.weight")  # a tied copy, when saved at all
-    else:
-        out["unembed.W_U"] = take("lm_head.weight", (config.d_vocab, D)).T
-    out["unembed.b_U"] = np.zeros((config.d_vocab_out,), np.float32)
+    out |= unembedding(take, config, "lm_head.weight")
     take.finish()
     return out
