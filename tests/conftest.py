@@ -2,7 +2,10 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 simulated CPU devices for the sharding tests; LLVM optimisation off, because the suite's time is
+# compiling thousands of small programs (a third less), and no result may depend on how XLA
+# optimises them (float32 checks are relative to the largest value, float64 ones at 1e-10).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The CLI would turn on its persistent compilation cache for the whole test process; its own test turns it on.

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from acdc_jax import discover
+from acdc_jax import discover, get_task
 from acdc_jax.methods import get_method
 from acdc_jax.metrics import MetricInputs, get_metric, wrong_answer_loss
 
@@ -85,7 +85,15 @@ def test_wrong_answer_metric_value_is_the_task_metric():
 
 
 def test_wrong_answer_on_tracr_reverse_finds_the_ground_truth():
-    # measured: AUC 1.0 (most_dissimilar); chance is 0.5
+    """Most edges of tracr-reverse have gradient zero up to rounding (1e-12 and below, see the
+    gate_gradients notebook), and the AUC over all edges ranks that dust (measured 1.0 or 0.80
+    depending on XLA's code generation). What holds: every edge with a gradient above rounding
+    (|score| > 1e-6 of the largest; measured 8) lies in the ground truth but one, and that one
+    (4.5e-6) ranks below all of them (the smallest: 5.2e-6)."""
     circuit = discover("tracr-reverse", "tracr-reverse", "wrong-answer", loss="most_dissimilar")
-    assert np.all(np.isfinite(circuit.scores)) and np.abs(circuit.scores).max() > 1e-3
-    assert circuit.extra["auc"] > 0.9
+    scores = np.abs(np.asarray(circuit.scores))
+    assert np.all(np.isfinite(scores)) and scores.max() > 1e-3
+    truth = get_task("tracr-reverse").canonical.labels(circuit.graph).astype(bool)
+    signal = scores > 1e-6 * scores.max()
+    assert (signal & truth).sum() >= 5
+    assert scores[signal & truth].min() > scores[signal & ~truth].max()
