@@ -22,12 +22,14 @@ def _rms(x, w, eps):
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
 
 
-def _norm(cfg, p, prefix, l, x):
+def _norm(cfg, p, prefix, x, layer=None):
+    """The config's norm with the parameters ``prefix.w``/``prefix.b`` (of ``layer``, if stacked)."""
+    if cfg.normalization is None:
+        return x
+    at = (lambda a: a) if layer is None else (lambda a: a[layer])  # noqa: E731
     if cfg.normalization == "ln":
-        return _ln(x, p[prefix + ".w"][l], p[prefix + ".b"][l], cfg.ln_eps)
-    if cfg.normalization == "rms":
-        return _rms(x, p[prefix + ".w"][l], cfg.ln_eps)
-    return x
+        return _ln(x, at(p[prefix + ".w"]), at(p[prefix + ".b"]), cfg.ln_eps)
+    return _rms(x, at(p[prefix + ".w"]), cfg.ln_eps)
 
 
 def _rotary(cfg, x):
@@ -82,7 +84,6 @@ def gated_logits(model: Transformer, graph: Graph, tokens, gates, ablated_values
     abl = np.asarray(ablated_values, np.float64)
     tokens = np.asarray(tokens)
     B, P = tokens.shape
-    ln = cfg.normalization is not None
     x = {"embed": p["embed.W_E"][tokens] + (p["embed.W_pos"][:P][None] if "embed.W_pos" in p else 0.0)}
     abl_of = {name: np.broadcast_to(abl[i], (B, P, cfg.d_model)) for i, name in enumerate(graph.sources)}
 
@@ -100,7 +101,7 @@ def gated_logits(model: Transformer, graph: Graph, tokens, gates, ablated_values
             head = f"a{l}.{h}"
             ins = {}
             for t in "qkv":
-                ins[t] = _norm(cfg, p, "blocks.ln1", l, dst_input(f"{head}.{t}" if graph.qkv_split else head, l))
+                ins[t] = _norm(cfg, p, "blocks.ln1", dst_input(f"{head}.{t}" if graph.qkv_split else head, l), l)
             kv = h // cfg.kv_group  # the key/value head this query head reads
             q = ins["q"] @ p["blocks.attn.W_Q"][l, h] + p["blocks.attn.b_Q"][l, h]
             k = ins["k"] @ p["blocks.attn.W_K"][l, kv] + p["blocks.attn.b_K"][l, kv]
@@ -118,16 +119,14 @@ def gated_logits(model: Transformer, graph: Graph, tokens, gates, ablated_values
             x[head] = np.einsum("bqk,bke->bqe", _softmax(scores), v) @ p["blocks.attn.W_O"][l, h]
         if cfg.has_mlp:
             # a parallel MLP (GPT-NeoX) reads the residual before its own layer's heads and b_O
-            m = _norm(cfg, p, "blocks.ln2", l, dst_input(f"mlp{l}", l if cfg.parallel else l + 1))
+            m = _norm(cfg, p, "blocks.ln2", dst_input(f"mlp{l}", l if cfg.parallel else l + 1), l)
             hidden = m @ p["blocks.mlp.W_in"][l] + p["blocks.mlp.b_in"][l]
             if cfg.gated_mlp:
                 hidden = _act(cfg.act_fn, m @ p["blocks.mlp.W_gate"][l] + p["blocks.mlp.b_gate"][l]) * hidden
             else:
                 hidden = _act(cfg.act_fn, hidden)
             x[f"mlp{l}"] = hidden @ p["blocks.mlp.W_out"][l] + p["blocks.mlp.b_out"][l]
-    final = dst_input("logits", cfg.n_layers)
-    if ln:
-        final = _norm(cfg, {k: v[None] for k, v in p.items() if k.startswith("ln_final")}, "ln_final", 0, final)
+    final = _norm(cfg, p, "ln_final", dst_input("logits", cfg.n_layers))
     W_U = p["embed.W_E"].T if cfg.tied_unembed else p["unembed.W_U"]
     logits = final @ W_U + p["unembed.b_U"]
     if return_sources:
