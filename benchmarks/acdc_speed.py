@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 import acdc_jax as aj
-from acdc_jax.methods import Problem, acdc
+from acdc_jax import acdc
+from acdc_jax.methods import Problem
 from acdc_jax.methods.acdc import visit_order
 from acdc_jax.models import TransformerConfig
 
@@ -69,7 +70,7 @@ def main(argv=None):
     threshold = args.fraction * problem.ablated_value()
 
     start = time.perf_counter()
-    cold = acdc(problem, threshold=threshold, max_batch=args.max_batch)
+    acdc(problem, threshold=threshold, max_batch=args.max_batch)
     cold_s = time.perf_counter() - start
     start = time.perf_counter()
     warm = acdc(problem, threshold=threshold, max_batch=args.max_batch)

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 
 import acdc_jax as aj
-from acdc_jax.methods import Problem, eap
+from acdc_jax import eap
+from acdc_jax.methods import Problem
 from acdc_jax.models import TransformerConfig
 
 from ._harness import compile_events, peak_memory_bytes, random_task, record

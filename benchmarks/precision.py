@@ -21,7 +21,8 @@ import numpy as np
 
 import acdc_jax as aj
 from acdc_jax.evaluate import roc_auc
-from acdc_jax.methods import Problem, acdc
+from acdc_jax import acdc
+from acdc_jax.methods import Problem
 from acdc_jax.models import Transformer, TransformerConfig
 from acdc_jax.tasks import Task, get_task
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from acdc_jax.evaluate import faithfulness_curve, kl_to_clean, plot_faithfulness, plot_roc, roc_curve
 from acdc_jax.graph import Graph, GraphError
-from acdc_jax.methods import Circuit, Problem, get_method
+from acdc_jax.methods import Problem, get_method
 from acdc_jax.models import GPT2_SHAPES, TransformerConfig, init_model, load_model
 from acdc_jax.tasks import Task, get_task
 

@@ -225,7 +225,8 @@ def _all_features_task(n_prompts=4, seed=0):
 
 
 def test_acdc_equals_the_plain_loop_on_a_model_with_every_family_feature():
-    from acdc_jax.methods import Problem, acdc
+    from acdc_jax import acdc
+    from acdc_jax.methods import Problem
 
     from .test_acdc import plain_acdc
 

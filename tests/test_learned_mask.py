@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from acdc_jax import evaluate as ev
-from acdc_jax.methods import get_method, learned_mask
+from acdc_jax.methods import get_method
 from acdc_jax.methods.learned_mask import (
     BETA,
     GAMMA,
     ZETA,
+    learned_mask,
     _train_step,
     hard_concrete_deterministic,
     hard_concrete_sample,

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import acdc_jax as aj
-from acdc_jax.methods import Problem, discover, path_patching
+from acdc_jax import path_patching
+from acdc_jax.methods import Problem, discover
 from acdc_jax.models import build_model, expected_shapes
 from acdc_jax.tasks import CanonicalCircuit, Task
 
@@ -101,9 +102,9 @@ def test_path_patching_recovers_the_planted_circuit(grouped):
     assert circuit.extra["composition"]["k"] > 0 and circuit.extra["composition"]["q"] > 0
 
 
-def _distributed_model(n_heads=6):
-    """One layer of heads that each copy the current token into the output with weight 1/n_heads:
-    each head alone matters little, together they carry the answer."""
+def _distributed_model(n_heads=6, signs=None):
+    """One layer of heads that each copy the current token into the output with weight 1/n_heads
+    (times ``signs[h]``, default +1): each head alone matters little, together they carry the answer."""
     vocab, n_ctx = 5, 4
     cfg = aj.TransformerConfig(
         n_layers=1, n_heads=n_heads, d_model=2 * vocab, d_head=vocab, d_mlp=None, d_vocab=vocab, n_ctx=n_ctx,
@@ -113,7 +114,7 @@ def _distributed_model(n_heads=6):
     w["embed.W_E"][:, :vocab] = np.eye(vocab)
     for h in range(n_heads):
         w["blocks.attn.W_V"][0, h, :vocab, :] = np.eye(vocab)
-        w["blocks.attn.W_O"][0, h, :, vocab:] = np.eye(vocab) / n_heads
+        w["blocks.attn.W_O"][0, h, :, vocab:] = (1.0 if signs is None else signs[h]) * np.eye(vocab) / n_heads
     w["unembed.W_U"][vocab:, :] = 6.0 * np.eye(vocab)
     model = build_model(cfg, w)
     clean = np.array([[1, 1, 1, 1], [2, 2, 2, 2], [3, 3, 3, 3]])
@@ -150,6 +151,12 @@ def test_alike_heads_are_grouped_in_the_summary():
     assert circuit.extra["head_groups"] == [["a0.0", "a0.1", "a0.2"]]
     assert circuit.extra["summary"].splitlines()[0] == "G1 = {a0.0, a0.1, a0.2}"
     assert "G1 -> logits at END" in circuit.extra["summary"]
+    # a head writing the opposite way has the opposite signature: it is kept, but in a group of its own
+    model, task = _distributed_model(n_heads=3, signs=(1.0, -1.0, 1.0))
+    circuit = path_patching(Problem.build(model, task, metric="logit_diff"), threshold=0.5)
+    assert {"a0.0->logits", "a0.1->logits", "a0.2->logits"} <= set(circuit.kept)
+    assert sorted(circuit.extra["head_groups"]) == [["a0.0", "a0.2"], ["a0.1"]]
+    assert circuit.extra["signed_scores"]["a0.1->logits"] < 0 < circuit.extra["signed_scores"]["a0.0->logits"]
 
 
 def test_path_patching_through_discover_and_its_errors():

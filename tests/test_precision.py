@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import acdc_jax as aj
-from acdc_jax.methods import Problem, acdc
+from acdc_jax import acdc
+from acdc_jax.methods import Problem
 
 
 @pytest.fixture(scope="module")

@@ -47,3 +47,24 @@ def test_first_command_prints_what_the_readme_promises():
     kept, total = map(int, re.search(r"prints the (\d+) edges ACDC keeps out of the model's (\d+)", " ".join(README.split())).groups())
     assert f"kept {kept} of {total} edges" in text, text
     assert "ROC AUC 1.000, precision 1.000, recall 1.000" in text
+
+
+def test_each_method_module_is_importable_by_its_name():
+    """``acdc_jax.methods.<name>`` is the method's module (its helpers reachable, patchable), and the
+    method function is ``acdc_jax.<name>``: no function hides its module."""
+    import importlib
+    import types
+
+    import acdc_jax as aj
+    from acdc_jax.methods import get_method, method_names
+
+    modules = ("acdc", "atp_star", "eap", "eap_ig", "eap_ig_activations", "hisp", "learned_mask",
+               "node_patching", "path_patching", "wrong_answer")
+    for name in modules:
+        module = importlib.import_module(f"acdc_jax.methods.{name}")
+        assert isinstance(getattr(aj.methods, name), types.ModuleType) and getattr(aj.methods, name) is module
+        assert getattr(aj, name) is getattr(module, name) and callable(getattr(aj, name))
+    assert aj.methods.acdc.visit_order is aj.methods.visit_order and aj.methods.path_patching.Path is aj.methods.Path
+    assert aj.exact_patching is aj.methods.exact.exact_patching
+    registered = {getattr(get_method(m).fn, "func", get_method(m).fn) for m in method_names()}
+    assert registered <= {getattr(aj, name) for name in modules} | {aj.exact_patching}

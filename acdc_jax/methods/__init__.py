@@ -1,4 +1,5 @@
-"""Discovery methods: one function each, all returning a ``Circuit``; ``discover`` runs any by name."""
+"""Discovery methods: one module each (``acdc_jax.methods.eap``), one function each (``acdc_jax.eap``),
+all returning a ``Circuit``; ``discover`` runs any by name."""
 
 from __future__ import annotations
 
@@ -14,18 +15,28 @@ from ..models import Transformer, load_model
 from ..tasks import Task, TaskError, get_task
 from ._circuit import Circuit
 from ._problem import Problem
-from .acdc import CheckpointMismatch, acdc, visit_order
-from .learned_mask import learned_mask
-from .node_patching import node_patching
-from .path_patching import Path, path_patching
-from .atp_star import atp_star
-from .eap import eap
-from .eap_ig import eap_ig
-from .eap_ig_activations import eap_ig_activations
+
+# One module per method, importable by its name (``acdc_jax.methods.acdc.visit_order``); the
+# functions themselves are re-exported by ``acdc_jax`` (``acdc_jax.acdc``), so no function hides
+# its module here.
+from . import (  # noqa: E402
+    acdc,
+    atp_star,
+    eap,
+    eap_ig,
+    eap_ig_activations,
+    exact,
+    hisp,
+    learned_mask,
+    node_patching,
+    path_patching,
+    stability,
+    wrong_answer,
+)
+from .acdc import CheckpointMismatch, visit_order
 from .exact import exact_patching
-from .hisp import hisp
+from .path_patching import Path
 from .stability import rank_agreement, split_half_stability
-from .wrong_answer import wrong_answer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,42 +69,42 @@ def get_method(name: str) -> MethodSpec:
     raise ValueError(f"unknown method {name!r}: choose one of {', '.join(method_names())}{hint}")
 
 
-register_method(MethodSpec("acdc", acdc, "edge", True, "ACDC: greedy exact pruning in reverse topological order"))
+register_method(MethodSpec("acdc", acdc.acdc, "edge", True, "ACDC: greedy exact pruning in reverse topological order"))
 register_method(MethodSpec(
-    "acdc-nodes", acdc, "node", True, "ACDC over nodes (heads and MLPs as units): a cheaper first pass",
+    "acdc-nodes", acdc.acdc, "node", True, "ACDC over nodes (heads and MLPs as units): a cheaper first pass",
 ))
 register_method(MethodSpec(
-    "node-patching", node_patching, "node", False, "ablate each head and MLP alone (one batch): a cheap first pass",
+    "node-patching", node_patching.node_patching, "node", False, "ablate each head and MLP alone (one batch): a cheap first pass",
 ))
 register_method(MethodSpec(
-    "path-patching", path_patching, "edge", False,
+    "path-patching", path_patching.path_patching, "edge", False,
     "top-down automatic path patching from the logits, per labelled position, Q/K/V kept apart",
 ))
 register_method(MethodSpec(
-    "learned-mask", learned_mask, "edge", True, "Edge Pruning: hard-concrete edge gates trained under an L0 penalty",
+    "learned-mask", learned_mask.learned_mask, "edge", True, "Edge Pruning: hard-concrete edge gates trained under an L0 penalty",
 ))
 register_method(MethodSpec(
-    "learned-mask-nodes", learned_mask, "node", True, "Subnetwork Probing: hard-concrete node gates trained under an L0 penalty",
+    "learned-mask-nodes", learned_mask.learned_mask, "node", True, "Subnetwork Probing: hard-concrete node gates trained under an L0 penalty",
 ))
-register_method(MethodSpec("eap", eap, "edge", False, "EAP: gradient of the metric at all gates 1, one backward pass"))
-register_method(MethodSpec("eap-nodes", eap, "node", False, "EAP over nodes (heads, MLPs, embed)"))
-register_method(MethodSpec("eap-ig", eap_ig, "edge", False, "EAP-IG: gate gradients integrated from all gates 0 to 1"))
+register_method(MethodSpec("eap", eap.eap, "edge", False, "EAP: gradient of the metric at all gates 1, one backward pass"))
+register_method(MethodSpec("eap-nodes", eap.eap, "node", False, "EAP over nodes (heads, MLPs, embed)"))
+register_method(MethodSpec("eap-ig", eap_ig.eap_ig, "edge", False, "EAP-IG: gate gradients integrated from all gates 0 to 1"))
 register_method(MethodSpec(
-    "eap-ig-inputs", functools.partial(eap_ig, variant="inputs"), "edge", False,
+    "eap-ig-inputs", functools.partial(eap_ig.eap_ig, variant="inputs"), "edge", False,
     "EAP-IG over inputs: gradients along the embedding interpolated from ablated to clean",
 ))
 register_method(MethodSpec(
-    "eap-ig-activations", eap_ig_activations, "edge", False,
+    "eap-ig-activations", eap_ig_activations.eap_ig_activations, "edge", False,
     "EAP-IG over activations (the EAP-IG library's, as MIB runs it): each source group mixed clean/ablated in turn",
 ))
 register_method(MethodSpec(
-    "eap-ig-activations-own", functools.partial(eap_ig_activations, groups="own"), "edge", False,
+    "eap-ig-activations-own", functools.partial(eap_ig_activations.eap_ig_activations, groups="own"), "edge", False,
     "EAP-IG over activations, each edge integrated along its own source group only",
 ))
-register_method(MethodSpec("atp-star", atp_star, "edge", False, "AtP*: EAP with the QK fix and GradDrop"))
-register_method(MethodSpec("hisp", hisp, "node", False, "HISP: mean absolute per-prompt gradient of node gates"))
+register_method(MethodSpec("atp-star", atp_star.atp_star, "edge", False, "AtP*: EAP with the QK fix and GradDrop"))
+register_method(MethodSpec("hisp", hisp.hisp, "node", False, "HISP: mean absolute per-prompt gradient of node gates"))
 register_method(MethodSpec(
-    "wrong-answer", wrong_answer, "edge", False, "gradient of a maximally-wrong-answer loss (gates, optionally weights)",
+    "wrong-answer", wrong_answer.wrong_answer, "edge", False, "gradient of a maximally-wrong-answer loss (gates, optionally weights)",
 ))
 register_method(MethodSpec("exact-patching", exact_patching, "edge", False, "exact effect of ablating each edge alone"))
 
@@ -174,6 +185,7 @@ __all__ = [
     "eap",
     "eap_ig",
     "eap_ig_activations",
+    "exact",
     "exact_patching",
     "get_method",
     "hisp",
@@ -184,6 +196,7 @@ __all__ = [
     "rank_agreement",
     "register_method",
     "split_half_stability",
+    "stability",
     "visit_order",
     "wrong_answer",
 ]
