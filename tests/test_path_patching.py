@@ -132,17 +132,76 @@ def _distributed_model(n_heads=6, signs=None):
     return model, task
 
 
-def test_grouped_patching_finds_effects_spread_over_many_heads():
-    model, task = _distributed_model()
+def _two_hop_model(n_heads=6):
+    """Two layers of n heads, each head attending to its own position (positions in their own
+    subspace, queries and keys reading them sharply). Layer 0's heads each copy the token (subspace A)
+    into B with weight 1/n; layer 1's heads each copy B into C with weight 1/n; the unembedding reads
+    C. The circuit is embed -> every a0 head's value -> every a1 head's value -> logits, all at END,
+    and every single edge of it carries 1/n (or 1/n^2) of the effect."""
+    vocab, n_ctx = 5, 4
+    A, B, C = (slice(i * vocab, (i + 1) * vocab) for i in range(3))
+    P = slice(3 * vocab, 3 * vocab + n_ctx)
+    cfg = aj.TransformerConfig(
+        n_layers=2, n_heads=n_heads, d_model=3 * vocab + n_ctx, d_head=vocab, d_mlp=None, d_vocab=vocab, n_ctx=n_ctx,
+        normalization=None, causal=True, attn_scale=1.0, tied_unembed=False,
+    )
+    w = {name: np.zeros(shape, np.float32) for name, shape in expected_shapes(cfg).items()}
+    w["embed.W_E"][:, A] = np.eye(vocab)
+    w["embed.W_pos"][:, P] = np.eye(n_ctx)
+    for layer, (read, write) in enumerate([(A, B), (B, C)]):
+        for h in range(n_heads):
+            w["blocks.attn.W_Q"][layer, h, P, :n_ctx] = np.sqrt(40.0) * np.eye(n_ctx)
+            w["blocks.attn.W_K"][layer, h, P, :n_ctx] = np.sqrt(40.0) * np.eye(n_ctx)
+            w["blocks.attn.W_V"][layer, h, read, :] = np.eye(vocab)
+            w["blocks.attn.W_O"][layer, h, :, write] = np.eye(vocab) / n_heads
+    w["unembed.W_U"][C, :] = 6.0 * np.eye(vocab)
+    model = build_model(cfg, w)
+    clean = np.array([[1, 0, 2, 1], [2, 3, 0, 2], [3, 1, 4, 3]])
+    corrupt = clean.copy()
+    corrupt[:, 3] = (clean[:, 3] + 1) % vocab
+    circuit = (["embed->a0.%d.v" % h for h in range(n_heads)]
+               + [f"a0.{g}->a1.{h}.v" for g in range(n_heads) for h in range(n_heads)]
+               + [f"a1.{h}->logits" for h in range(n_heads)])
+    task = Task(
+        name="two-hop", clean=clean, corrupt=corrupt, positions=np.full((3, 1), 3), metric="logit_diff",
+        answers=clean[:, 3:], wrong_answers=(clean[:, 3:] + 1) % vocab, labels={"END": np.full(3, 3)},
+        canonical=CanonicalCircuit(tuple(circuit), (), "corrupt", "by construction"),
+    )
+    return model, task
+
+
+def test_grouped_patching_recovers_a_distributed_two_hop_circuit():
+    """No single edge passes (each carries 1/6 of the gap, or 1/36), so plain path patching finds
+    nothing; grouped mode finds the layer-1 group into the logits, expands it as a group (its members'
+    values patched together) to the layer-0 group, and that one to the embedding: the whole circuit,
+    at END only, and the circuit evaluated at its positions has the clean model's metric."""
+    model, task = _two_hop_model()
     problem = Problem.build(model, task, metric="logit_diff")
-    full_gap = 12.0  # logit diff: +6 clean, -6 corrupted
-    threshold = 0.25 * full_gap  # each head carries 1/6 of the gap
-    plain = path_patching(problem, threshold=threshold)
-    grouped = path_patching(problem, threshold=threshold, grouped=True)
-    assert not any(e.endswith("->logits") and e.startswith("a0.") for e in plain.kept)
-    assert {e for e in grouped.kept if e.endswith("->logits")} == {f"a0.{h}->logits" for h in range(6)}
-    unit = [p for p in grouped.extra["paths"] if p["receiver"] == "logits" and len(p["senders"]) > 1]
-    assert unit and sorted(unit[0]["senders"]) == [f"a0.{h}" for h in range(6)]
+    clean, ablated = problem.clean_value(), problem.ablated_value()
+    assert clean == pytest.approx(6.0, abs=1e-4) and ablated == pytest.approx(-6.0, abs=1e-4)
+    plain = path_patching(problem, threshold=0.25, relative=True)
+    assert plain.kept == ()
+    grouped = path_patching(problem, threshold=0.25, relative=True, grouped=True)
+    assert set(grouped.kept) == set(task.canonical.edges)
+    assert {k["position"] for k in grouped.extra["kept_positions"]} == {3}
+    assert abs(grouped.metric_value - clean) <= 0.05 * abs(clean)
+    units = {(tuple(p["senders"]), p["receiver"].split("+")[0]) for p in grouped.extra["paths"]}
+    heads = lambda layer: tuple(f"a{layer}.{h}" for h in range(6))  # noqa: E731
+    assert units == {(heads(1), "logits"), (heads(0), "a1.0.v"), (("embed",), "a0.0.v")}
+    # without the group of layer 1 the circuit is the fully ablated model: that is what the old search kept
+    only_direct = problem.evaluate(problem.graph.gates_from_names([f"a1.{h}->logits" for h in range(6)]))
+    assert only_direct == pytest.approx(ablated, abs=1e-3)
+
+
+def test_grouped_search_finds_a_superset_of_the_plain_one():
+    """A random model with MLPs: every (edge, position) the plain search keeps, grouped mode keeps."""
+    model = aj.init_model(TINY_CONFIGS["gpt2-like"], jax.random.PRNGKey(2), std=0.5)
+    problem = Problem.build(model, _logit_diff_task(model.config), metric="logit_diff")
+    plain = path_patching(problem, threshold=0.3, relative=True)  # at 0.3 of the gap a layer group passes
+    grouped = path_patching(problem, threshold=0.3, relative=True, grouped=True)
+    pairs = lambda c: {(k["edge"], k["position"]) for k in c.extra["kept_positions"]}  # noqa: E731
+    assert pairs(plain) and pairs(plain) < pairs(grouped)
+    assert any(len(p["senders"]) > 1 for p in grouped.extra["paths"])
 
 
 def test_alike_heads_are_grouped_in_the_summary():
