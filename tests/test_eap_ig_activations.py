@@ -97,3 +97,26 @@ def test_eap_ig_activations_matches_a_plain_loop_reimplementation():
         circuit = get_method("eap-ig-activations-own").fn(problem, steps=steps)
         np.testing.assert_allclose(circuit.scores, own, rtol=1e-9, atol=1e-12)
 
+
+
+def test_own_group_scores_are_complete_as_the_steps_grow():
+    """Along group G's path, d loss / d alpha is the sum of c over G's outgoing edges, so the own-group
+    scores of G's edges sum to loss(G ablated alone) - loss(clean), with an O(1/m) right-endpoint error:
+    m * error settles, and Richardson's 2 S(2m) - S(m) cancels the 1/m term."""
+    with jax.enable_x64(True):
+        problem = _problem()
+        graph = problem.graph
+        src_of = np.array([graph.split_edge(n)[0] for n in graph.gate_names])
+        out_of = [np.isin(src_of, [graph.sources[s] for s in members]) for _, members in source_groups(problem)]
+        clean = float(problem.loss(graph.gates(1.0, jnp.float64)))
+        targets = np.array([float(problem.loss(jnp.asarray(np.where(o, 0.0, 1.0)))) - clean for o in out_of])
+        assert np.abs(targets).min() > 1e-3  # every group matters, so the sums have something to match
+        sums = {}
+        for steps in (16, 32, 64):
+            scores = get_method("eap-ig-activations-own").fn(problem, steps=steps).scores
+            sums[steps] = np.array([scores[o].sum() for o in out_of])
+        error = {m: sums[m] - targets for m in sums}
+        assert (np.abs(error[64]) < 0.02 * np.abs(targets).max()).all(), error
+        np.testing.assert_allclose(64 * error[64], 32 * error[32], rtol=0.15)
+        richardson = 2 * sums[64] - sums[32] - targets
+        assert (np.abs(richardson) < np.abs(error[64]) / 3).all(), (richardson, error[64])
