@@ -39,6 +39,9 @@ class MetricInputs(eqx.Module):
     answer_mask: Bool[Array, "batch vocab"] | None = None
     wrong_mask: Bool[Array, "batch vocab"] | None = None
     read_mask: Float[Array, "batch k"] | None = None  # weights of the read positions (1 = counts)
+    # a target token per read position (-1: not read), set by methods that pick one from the model
+    # (the wrong-answer gradient's ``most_dissimilar_cosine``)
+    wrong_targets: Int[Array, "batch k"] | None = None
 
     def subset(self, index) -> "MetricInputs":
         return jax.tree.map(lambda x: x[index], self)
@@ -188,6 +191,11 @@ def get_metric(name: str | Metric, **options) -> Metric:
 # (constants: no gradient flows through them); ``p = softmax(logits)``:
 # - ``most_dissimilar``: ``-log p(t)`` with ``t = argmin z``, the token the clean model finds least
 #   likely (the "most dissimilar token" by logit). Maximally wrong: all probability on ``t``.
+# - ``most_dissimilar_cosine``: ``-log p(t)`` with ``t`` the token whose unembedding direction has
+#   the lowest cosine to the reference token's (the "most dissimilar token" by unembedding): the
+#   reference is the prompt's answer at the last read position (IOI, Greater-Than, Docstring), the
+#   per-position answer (induction), else the clean model's top token at each read position
+#   (tracr). ``wrong_targets`` carries ``t`` (the method computes it from the model's unembedding).
 # - ``inverse``: ``KL(q || p)`` with ``q = softmax(-z)``, the inverted clean distribution (the
 #   "inverse of the logits"). Maximally wrong: ``p = q``, the clean ranking reversed.
 # - ``semantic``: ``-log p(W)``, the total probability of the task's own wrong answers ``W``:
@@ -240,6 +248,18 @@ def wrong_answer_most_dissimilar(logits, inputs: MetricInputs):
     return -_mean_over_reads(picked, inputs)
 
 
+def wrong_answer_most_dissimilar_cosine(logits, inputs: MetricInputs):
+    if inputs.wrong_targets is None:
+        raise ValueError("the 'most_dissimilar_cosine' wrong-answer loss needs wrong_targets from the model's unembedding "
+                         "(run it through acdc_jax.wrong_answer, which sets them)")
+    read = (inputs.wrong_targets >= 0).astype(logits.dtype)
+    target = jnp.maximum(inputs.wrong_targets, 0)
+    picked = jnp.take_along_axis(_reads_logp(logits), target[..., None], axis=-1)[..., 0]
+    if inputs.read_mask is not None:
+        read = read * inputs.read_mask
+    return -(picked * read).sum() / read.sum()
+
+
 def wrong_answer_inverse(logits, inputs: MetricInputs):
     log_q = jax.nn.log_softmax(-inputs.clean_logits, axis=-1)
     kl = (jnp.exp(log_q) * (log_q - _reads_logp(logits))).sum(-1)
@@ -270,6 +290,8 @@ _WRONG_ANSWER_LOSSES = {
     "flip": (wrong_answer_flip, "(LD + LD_clean)^2; 0 when the logit difference is mirrored"),
     "logit_diff": (wrong_answer_logit_diff, "logit(answer) - logit(wrong), unbounded below"),
     "most_dissimilar": (wrong_answer_most_dissimilar, "-log p(argmin clean logit); 0 when all probability is on it"),
+    "most_dissimilar_cosine": (wrong_answer_most_dissimilar_cosine,
+                               "-log p(token least cosine-similar to the answer in W_U); 0 when all probability is on it"),
     "inverse": (wrong_answer_inverse, "KL(softmax(-z_clean) || p); 0 when the clean distribution is inverted"),
     "semantic": (wrong_answer_semantic, "-log p(the task's wrong answers); 0 when all probability is on them"),
 }

@@ -37,6 +37,19 @@ def test_discover_passes_method_and_task_options(tmp_path):
     assert "path-patching on tracr-xproportion" in result.output
 
 
+def test_wrong_answer_weights_target_writes_a_node_circuit(tmp_path):
+    out = tmp_path / "nodes.json"
+    result = runner.invoke(app, [
+        "discover", "--task", "tracr-reverse", "--method", "wrong-answer", "--option", "loss=most_dissimilar",
+        "--option", "target=weights", "--option", "top_n=4", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["settings"]["target"] == "weights" and data["settings"]["weight_score"] == "grad_norm"
+    assert len(data["circuit"]) == 4 and not any("->" in unit for unit in data["circuit"])
+    assert 0.0 <= data["auc"] <= 1.0
+
+
 def test_bad_input_gets_a_clear_message():
     cases = [
         (["discover", "--task", "tracr-revers", "--threshold", "0.1"], "did you mean tracr-reverse"),

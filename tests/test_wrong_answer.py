@@ -1,12 +1,16 @@
 """Wrong-answer losses (most_dissimilar, inverse, semantic) against numpy, their gate gradients
 against central finite differences (float64), metric_value in the task's metric, and a tracr run."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from acdc_jax import discover, get_task
 from acdc_jax.methods import get_method
+from acdc_jax.methods.wrong_answer import cosine_targets
 from acdc_jax.metrics import MetricInputs, get_metric, wrong_answer_loss
 
 from .test_gradient_methods import _toy_problem
@@ -59,9 +63,11 @@ def test_wrong_answer_gate_gradients_match_finite_differences():
         graph = problem.graph
         ones = np.asarray(graph.gates(1.0, jnp.float64))
         idx = np.random.RandomState(0).choice(ones.size, 3, replace=False)
-        for loss in ("most_dissimilar", "inverse"):
+        for loss in ("most_dissimilar", "inverse", "most_dissimilar_cosine"):
             circuit = get_method("wrong-answer").fn(problem, loss=loss)
             p = problem.with_metric(wrong_answer_loss(loss))
+            if loss == "most_dissimilar_cosine":
+                p = dataclasses.replace(p, inputs=dataclasses.replace(p.inputs, wrong_targets=jnp.asarray(cosine_targets(p))))
             eps = 1e-5
             for i in idx:
                 up, down = ones.copy().ravel(), ones.copy().ravel()
@@ -97,3 +103,68 @@ def test_wrong_answer_on_tracr_reverse_finds_the_ground_truth():
     signal = scores > 1e-6 * scores.max()
     assert (signal & truth).sum() >= 5
     assert scores[signal & truth].min() > scores[signal & ~truth].max()
+
+
+def _least_cosine(W_U, token):
+    """Plain loop: the token whose unembedding column has the lowest cosine to ``token``'s."""
+    ref = W_U[:, token] / np.linalg.norm(W_U[:, token])
+    best, best_cos = None, np.inf
+    for v in range(W_U.shape[1]):
+        cos = float(W_U[:, v] @ ref / np.linalg.norm(W_U[:, v]))
+        if cos < best_cos:
+            best, best_cos = v, cos
+    return best
+
+
+def test_most_dissimilar_cosine_targets_the_least_similar_unembedding():
+    with jax.enable_x64(True):
+        problem = _toy_problem()
+        W_U = np.asarray(problem.model.W_U, np.float64)
+        answers = np.asarray(problem.inputs.answers)
+        targets = cosine_targets(problem)
+        assert targets.shape == (answers.shape[0], 1)
+        assert [int(t) for t in targets[:, -1]] == [_least_cosine(W_U, int(a)) for a in answers[:, 0]]
+        assert (targets[:, -1] != answers[:, 0]).all()
+        # the loss: mean cross-entropy toward those tokens at the last read position
+        circuit = get_method("wrong-answer").fn(problem, loss="most_dissimilar_cosine", top_n=4)
+        logits = np.asarray(problem.run.logits(problem.graph.gates(1.0, jnp.float64)))[:, -1]
+        logp = _logp(logits)
+        p = problem.with_metric(wrong_answer_loss("most_dissimilar_cosine"))
+        p = dataclasses.replace(p, inputs=dataclasses.replace(p.inputs, wrong_targets=jnp.asarray(targets)))
+        expect = -logp[np.arange(len(logp)), targets[:, -1]].mean()  # W: the cross-entropy toward t, 0 = all on t
+        np.testing.assert_allclose(p.clean_value(), expect, rtol=1e-12)
+        assert circuit.metric == "nll" and circuit.settings["loss"] == "most_dissimilar_cosine"
+    # on a task without answers (tracr) the reference is the clean model's top token at every read
+    circuit = discover("tracr-reverse", "tracr-reverse", "wrong-answer", loss="most_dissimilar_cosine")
+    assert np.isfinite(circuit.scores).all() and np.abs(circuit.scores).max() > 0
+
+
+def test_weight_gradients_as_a_node_circuit():
+    with jax.enable_x64(True):
+        problem = _toy_problem()
+        with_extra = get_method("wrong-answer").fn(problem, loss="ce", weights=True)
+        circuit = get_method("wrong-answer").fn(problem, loss="ce", target="weights", top_n=4)
+        graph = circuit.graph
+        assert graph.level == "node" and graph.gate_names == problem.graph.sources
+        norms = with_extra.extra["weight_scores"]["grad_norm"]
+        np.testing.assert_allclose(circuit.scores, [norms[n] for n in graph.gate_names], rtol=1e-12)
+        top = sorted(graph.gate_names, key=lambda n: -norms[n])[:4]
+        assert set(circuit.kept) == set(top)
+        # metric_value: the kept nodes at 1, the others ablated, in the task's metric
+        node_problem = problem.with_graph(graph)
+        expect = float(get_metric("nll")(node_problem.run.logits(graph.gates_from_names(circuit.kept, jnp.float64)),
+                                         problem.inputs))
+        assert circuit.metric == "nll"
+        np.testing.assert_allclose(circuit.metric_value, expect, rtol=1e-9)
+        saliency = get_method("wrong-answer").fn(problem, loss="ce", target="weights", weight_score="saliency")
+        np.testing.assert_allclose(saliency.scores, [with_extra.extra["weight_scores"]["saliency"][n] for n in graph.gate_names])
+        with pytest.raises(ValueError, match="target must be one of gates, weights"):
+            get_method("wrong-answer").fn(problem, target="weight")
+    # end to end: discover reports its AUC against tracr-reverse's canonical nodes; split halves compare
+    found = discover("tracr-reverse", "tracr-reverse", "wrong-answer", loss="most_dissimilar", target="weights")
+    truth = get_task("tracr-reverse").canonical.labels(found.graph)
+    assert 0 < truth.sum() < truth.size
+    scores = np.asarray(found.scores)
+    # the pessimistic AUC of one ranking: the share of (in, out) pairs with the node in the circuit strictly above
+    pairs = [float(a > b) for a in scores[truth] for b in scores[~truth]]
+    np.testing.assert_allclose(found.extra["auc"], np.mean(pairs), rtol=1e-12)

@@ -8,7 +8,9 @@ and its gradient with respect to the gates at 1 points toward that "maximally wr
 candidates, each a higher-is-better ``Metric`` ``W`` whose minimum is its notion of wrong
 (definitions in ``acdc_jax.metrics``): ``ce`` (cross-entropy toward the wrong answer), ``flip``
 (distance to the mirrored logit difference), ``logit_diff``, ``most_dissimilar`` (cross-entropy
-toward the token with the lowest clean logit), ``inverse`` (KL from ``softmax(-z_clean)``) and
+toward the token with the lowest clean logit), ``most_dissimilar_cosine`` (cross-entropy toward
+the token whose unembedding direction is least cosine-similar to the answer's), ``inverse`` (KL
+from ``softmax(-z_clean)``) and
 ``semantic`` (cross-entropy toward the task's own wrong answers: IOI's other name, Greater-Than's
 years <= YY from ``wrong_mask``, induction's most likely non-answer token, tracr's lowest-ranked
 output).
@@ -24,6 +26,8 @@ logit difference and ``p`` its clean softmax:
   ``dW/dz = p - p 1_W / p(W)`` (the probability of years <= YY); on induction/tracr it is
   ``most_dissimilar``'s form with another target.
 - ``most_dissimilar``: ``dW/dz = p - onehot(argmin z)``, per read position.
+- ``most_dissimilar_cosine``: ``dW/dz = p - onehot(t)``, ``t = argmin_v cos(W_U[:, v], W_U[:, answer])``
+  (``cosine_targets``); the same form with a target fixed by the unembedding, not by the prompt.
 - ``inverse``: ``dW/dz = p - softmax(-z)``, per read position; EAP with a cross-entropy to the
   inverted distribution, no task-metric EAP.
 
@@ -50,18 +54,28 @@ path), and ``saliency``, ``sum(theta * dW/dtheta)``, the first-order estimate of
 ``W(theta) - W(that node's parameters at 0)`` (positive = the parameters support the clean
 behaviour). ``b_O``, LayerNorms and the unembedding belong to no node and are left out.
 
+**Weights as the circuit** (``target="weights"``): the result is a node-level ``Circuit`` (on the
+problem's graph at ``level="node"``: ``embed``, every head, every MLP) whose scores are the
+``weight_score`` above (``grad_norm``, default, or ``saliency``); ``top_n``/``threshold`` cut it
+and ``metric_value`` evaluates the kept nodes (the rest ablated) in the task's metric. Its AUC
+against a canonical circuit is ``evaluate.roc_curve(circuit, task, level="node", nodes="sources")``
+(``discover`` reports it), and ``split_half_stability(problem, "wrong-answer", target="weights")``
+compares its rankings.
+
 The proposal calls these gradients noisy; ``acdc_jax.methods.stability`` measures how stable
 their rankings are across prompt subsets.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
+from ..graph import Graph
 from ..metrics import wrong_answer_loss
 from ..models import forward
 from ..patching import GatedRun
@@ -71,6 +85,10 @@ from ._problem import Problem
 from .eap import gate_gradients
 
 
+TARGETS = ("gates", "weights")
+WEIGHT_SCORES = ("grad_norm", "saliency")
+
+
 def is_swapped_pairs(problem: Problem) -> bool:
     """Rows 2i and 2i+1 have their (first) answer and wrong answer exchanged."""
     answers, wrong = problem.inputs.answers, problem.inputs.wrong_answers
@@ -78,6 +96,31 @@ def is_swapped_pairs(problem: Problem) -> bool:
         return False
     a, w = np.asarray(answers[:, 0]), np.asarray(wrong[:, 0])
     return bool(np.all(a[0::2] == w[1::2]) and np.all(a[1::2] == w[0::2]))
+
+
+def cosine_targets(problem: Problem) -> np.ndarray:
+    """``[batch, k]`` token least cosine-similar in the unembedding to each read's reference token.
+
+    The reference is the prompt's first answer, read at the last read position (-1 elsewhere: not
+    read) when the task has one answer set per prompt; the answer at each read position when it has
+    one per position (induction); else the clean model's top token at each read position (tracr).
+    """
+    W_U = np.asarray(problem.model.W_U, np.float64)  # [d_model, vocab]
+    directions = W_U / np.maximum(np.linalg.norm(W_U, axis=0, keepdims=True), 1e-30)
+    inputs = problem.inputs
+    clean = np.asarray(inputs.clean_logits)
+    batch, k = clean.shape[:2]
+    answers = None if inputs.answers is None else np.asarray(inputs.answers)
+    reads = np.ones((batch, k), bool)
+    if answers is not None and answers.shape[1] == k and k > 1:
+        reference = answers
+    elif answers is not None:
+        reference = np.repeat(answers[:, :1], k, axis=1)
+        reads[:, :-1] = False
+    else:
+        reference = clean.argmax(-1)
+    cosine = np.einsum("dv,dbk->bkv", directions, directions[:, reference])
+    return np.where(reads, cosine.argmin(-1), -1).astype(np.int32)
 
 
 def weight_logits(run: GatedRun, row, point, aux, shared, per_config):
@@ -128,6 +171,8 @@ def wrong_answer(
     problem: Problem,
     *,
     loss: str = "mse",
+    target: str = "gates",
+    weight_score: str = "grad_norm",
     weights: bool = False,
     pairs: bool = False,
     absolute: bool = False,
@@ -138,9 +183,16 @@ def wrong_answer(
     """Wrong-answer gradient scores for every gate unit (see the module docstring).
 
     ``loss`` picks the wrong-answer loss (``acdc_jax.metrics.WRONG_ANSWER_LOSSES``); the problem's
-    own metric is used only for ``metric_value``. ``weights=True`` adds per-node weight-gradient scores to
-    ``circuit.extra["weight_scores"]``. ``absolute``, ``top_n``, ``threshold``, ``chunk_size`` as in ``eap``.
+    own metric is used only for ``metric_value``. ``target="gates"`` scores the gates (edges);
+    ``target="weights"`` returns the node-level circuit of the weight gradients, scored by
+    ``weight_score`` (``grad_norm`` or ``saliency``). ``weights=True`` (gates target) adds the
+    per-node weight-gradient scores to ``circuit.extra["weight_scores"]``. ``absolute``, ``top_n``,
+    ``threshold``, ``chunk_size`` as in ``eap``.
     """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if weight_score not in WEIGHT_SCORES:
+        raise ValueError(f"weight_score must be one of {', '.join(WEIGHT_SCORES)}, got {weight_score!r}")
     needs_answers = loss in ("mse", "ce", "flip", "logit_diff")
     if needs_answers and (problem.inputs.answers is None or problem.inputs.wrong_answers is None):
         raise ValueError(
@@ -156,15 +208,36 @@ def wrong_answer(
     started = time.perf_counter()
     task_problem = problem
     problem = problem.with_metric(wrong_answer_loss(loss))
-    dtype = problem.model.dtype
-    signed = -gate_gradients(problem, problem.graph.gates(1.0, dtype)[None], chunk_size=chunk_size)[0]
+    if loss == "most_dissimilar_cosine":
+        inputs = dataclasses.replace(problem.inputs, wrong_targets=jnp.asarray(cosine_targets(problem)))
+        problem = dataclasses.replace(problem, inputs=inputs)
+    settings = {"loss": loss, "target": target, "weights": bool(weights) or target == "weights", "paired": paired,
+                "ablation": problem.ablation}
     extra = {}
-    if weights:
+    if weights or target == "weights":
         # the problem's loss is -W, so the gradient of W is minus it
         grads = weight_gradients(problem, chunk_size=chunk_size)
         scores = node_weight_scores(problem, grads)
         scores["saliency"] = {k: -v for k, v in scores["saliency"].items()}
         extra["weight_scores"] = scores
+    if target == "weights":
+        # a node-level circuit of the weight scores, evaluated in the task's metric
+        node_problem = task_problem.with_graph(Graph.from_model(task_problem.model, problem.graph.qkv_split, level="node"))
+        chosen = extra["weight_scores"][weight_score]
+        signed = np.array([chosen[name] for name in node_problem.graph.gate_names])
+        return attribution_circuit(
+            node_problem,
+            "wrong-answer",
+            signed,
+            absolute=absolute,
+            top_n=top_n,
+            threshold=threshold,
+            started=started,
+            settings=settings | {"weight_score": weight_score, "metric_options": [list(o) for o in task_problem.metric.options]},
+            extra=extra,
+        )
+    dtype = problem.model.dtype
+    signed = -gate_gradients(problem, problem.graph.gates(1.0, dtype)[None], chunk_size=chunk_size)[0]
     circuit = attribution_circuit(
         problem,
         "wrong-answer",
@@ -173,7 +246,7 @@ def wrong_answer(
         top_n=top_n,
         threshold=threshold,
         started=started,
-        settings={"loss": loss, "weights": bool(weights), "paired": paired, "ablation": problem.ablation},
+        settings=settings,
         extra=extra,
     )
     # report the pruned circuit in the task's metric: the wrong-answer losses are symmetric
