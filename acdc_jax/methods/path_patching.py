@@ -54,6 +54,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
+from ..export import owner
 from ..models import Ablation, gated_forward
 from ..patching import auto_chunk_size, chunked_vmap, source_values
 from ._circuit import Circuit
@@ -186,9 +187,8 @@ def path_patching(
     kept = tuple(graph.edges[e] for e in sorted({e for e, _ in pairs}))
     projected = np.zeros(graph.n_gates, np.float32)
     projected[[graph.edge_index(e) for e in kept]] = 1.0
-    label_of = {p: name for name, p in labels.items()}
     groups = _group_heads(paths, similarity)
-    rows = _class_effects(search, found, paths, groups, label_of, limit=2 * summary_lines)
+    rows = _class_effects(search, found, paths, groups, limit=2 * summary_lines)
     return Circuit.of(
         problem,
         "path-patching",
@@ -203,7 +203,7 @@ def path_patching(
             "truncated": truncated,
             "nodes_expanded": {r.mode: r.n_expanded for r in results},
             "signed_scores": {graph.edges[e]: float(signed[e]) for e in range(graph.n_gates) if not np.isnan(signed[e])},
-            "kept_positions": [{"edge": graph.edges[e], "position": int(p), "label": label_of.get(p, f"pos{p}")}
+            "kept_positions": [{"edge": graph.edges[e], "position": int(p), "label": search.label(p)}
                                for e, p in pairs],
             "metric_value_projected": problem.evaluate(jnp.asarray(projected)),
             "paths": [p.to_dict() for p in paths],
@@ -243,7 +243,11 @@ class _Search:
         self.src_index = {name: i for i, name in enumerate(self.graph.sources)}
         self.edge_src = np.array([self.src_index[self.graph.split_edge(e)[0]] for e in self.graph.edges])
         self.topo = {**self.src_index, "logits": len(self.graph.sources)}
-        self.label_of = {p: name for name, p in labels.items()}
+        self._label_of = {p: name for name, p in labels.items()}
+
+    def label(self, position: int) -> str:
+        """The task's label of an absolute position, or ``pos{position}``."""
+        return self._label_of.get(position, f"pos{position}")
 
     def effects(self, members: tuple[str, ...], found: dict, candidates: list[list[tuple[int, int]]]) -> np.ndarray:
         """``loss(patched) - loss(clean)`` for each candidate set of (edge, position) pairs: pass 1
@@ -331,7 +335,7 @@ class _Search:
                             found[pair] = share
                     if unit != ["embed"]:
                         frontier.append((tuple(unit), p))
-                    paths.append(Path(tuple(unit), "+".join(dsts), int(p), self.label_of.get(p, f"pos{p}"), effect, mode))
+                    paths.append(Path(tuple(unit), "+".join(dsts), int(p), self.label(p), effect, mode))
         return _Result(mode, found, tested, paths, truncated, len(expanded))
 
 
@@ -436,11 +440,7 @@ def _head_key(head: str):
     return int(layer), int(h)
 
 
-def _owner(node: str) -> str:
-    return ".".join(node.split(".")[:2]) if node.startswith("a") else node
-
-
-def _class_effects(search: _Search, found: dict, paths: list[Path], groups, label_of, limit: int) -> list[dict]:
+def _class_effects(search: _Search, found: dict, paths: list[Path], groups, limit: int) -> list[dict]:
     """Each connection between classes (alike heads form one class, any other component is its
     own), measured by patching all of its found edges at once into the receiving class (through the
     found edges, as every path effect): the rows of the summary, largest |effect| first. Only the
@@ -450,11 +450,11 @@ def _class_effects(search: _Search, found: dict, paths: list[Path], groups, labe
     connections: dict = {}
     for p in paths:
         dsts = p.receiver.split("+")
-        key = ("+".join(sorted({name(s) for s in p.senders})), "+".join(sorted({name(_owner(d)) for d in dsts})),
+        key = ("+".join(sorted({name(s) for s in p.senders})), "+".join(sorted({name(owner(d)) for d in dsts})),
                p.composition, p.position)
         entry = connections.setdefault(key, {"pairs": set(), "receivers": set(), "paths": 0, "weight": 0.0})
         entry["pairs"].update(pair for pair in search.pairs(p.senders, dsts, p.position) if pair in found)
-        entry["receivers"].update(_owner(d) for d in dsts)
+        entry["receivers"].update(owner(d) for d in dsts)
         entry["paths"] += 1
         entry["weight"] += abs(p.effect)
     measured = sorted(connections.items(), key=lambda kv: -kv[1]["weight"])[:limit]
@@ -463,7 +463,7 @@ def _class_effects(search: _Search, found: dict, paths: list[Path], groups, labe
         receivers = tuple(sorted(entry["receivers"], key=lambda m: search.topo[m]))
         effect = float(search.effects(receivers, found, [sorted(entry["pairs"])])[0])
         rows.append({"sender": src, "receiver": dst, "composition": composition, "position": int(position),
-                     "label": label_of.get(position, f"pos{position}"), "effect": effect,
+                     "label": search.label(position), "effect": effect,
                      "n_edges": len(entry["pairs"]), "n_paths": entry["paths"]})
     return sorted(rows, key=lambda r: -abs(r["effect"]))
 
