@@ -21,7 +21,8 @@ import numpy as np
 import acdc_jax as aj
 from acdc_jax import eap
 from acdc_jax.methods import Problem
-from acdc_jax.models import TransformerConfig
+from acdc_jax.methods._gradients import gate_point_logits, pullback
+from acdc_jax.models import TransformerConfig, forward
 
 from ._harness import compile_events, peak_memory_bytes, random_task, record
 
@@ -64,11 +65,40 @@ def main(argv=None):
         "steady_compiles": steady["compiles"],
         "peak_rss_bytes": peak_memory_bytes(),
     }
+    plain = jax.jit(lambda m, t, p: forward(m, t, positions=p))
+    tokens, positions = problem.run.tokens, problem.run.positions
+    plain_times = _median_seconds(lambda: plain(model, tokens, positions).block_until_ready(), args.repeats)
+    ones = problem.graph.gates(1.0, model.dtype)[None]
+
+    def dense_eap():
+        aux = {"gates": ones, "shared_rows": False}
+        return np.asarray(pullback(problem, gate_point_logits, n_points=1, weights=np.ones(1), aux=aux,
+                                   shared=np.zeros_like(ones))[1][0])
+
+    dense_s = _median_seconds(dense_eap, args.repeats)
+    dense_scores = -dense_eap()
+    results |= {
+        "plain_forward_s": plain_times,
+        "eap_in_plain_forwards": round(results["eap_s"] / plain_times, 2),
+        "dense_read_eap_s": dense_s,
+        "dense_read_in_plain_forwards": round(dense_s / plain_times, 2),
+        "max_rel_diff_to_dense": float(np.abs(first.scores - dense_scores).max() / np.abs(dense_scores).max()),
+    }
     settings = {"model": args.size, "prompts": args.prompts, "pos": args.pos,
                 "graph": "per-head" if args.per_head else "q/k/v-split", "metric": "logit_diff"}
     entry = record("eap_speed", settings, results)
     for k, v in entry["results"].items():
         print(f"{k:>22}: {v}")
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # compile
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 if __name__ == "__main__":

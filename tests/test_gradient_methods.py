@@ -127,6 +127,40 @@ def test_eap_equals_central_differences_edge_by_edge():
     assert np.abs(scores).max() > 1e-2
 
 
+def test_shared_row_read_gives_the_dense_reads_gradients():
+    """At all gates 1 the probed forward reads one residual per layer (``shared_rows``); its gate
+    gradients equal the dense read's, where every input sums its sources on its own (edge and node
+    graphs; GQA, rotary, parallel blocks), at every point where the rows are shared, and the check
+    refuses points where they are not. (EAP's float64 finite-difference test above runs the shared
+    path on the LayerNorm model.)"""
+    from acdc_jax.methods._gradients import shares_rows
+
+    cfg = aj.TransformerConfig(n_layers=2, n_heads=4, n_kv_heads=2, d_model=16, d_head=4, d_mlp=24, d_vocab=29, n_ctx=9,
+                               normalization="rms", positional="rotary", gated_mlp=True, act_fn="silu", parallel=True,
+                               tied_unembed=False)
+    with jax.enable_x64(True):
+        model = _random_model(cfg, 2, 0.3)
+        task = _toy_task(model, "logit_diff", seed=3)
+        for options in (dict(qkv_split=True), dict(level="node")):
+            problem = Problem.build(model, task, metric="logit_diff", ablation="corrupt", **options)
+            graph = problem.graph
+            ones = graph.gates(1.0, jnp.float64)
+            points = jnp.stack([ones, 0.5 * ones])
+            assert shares_rows(graph, points)
+            grads = []
+            for flag in (False, True):
+                aux = {"gates": points, "shared_rows": flag}
+                grads.append(np.asarray(pullback(problem, gate_point_logits, n_points=2, weights=jnp.ones(2), aux=aux,
+                                                 shared=jnp.zeros_like(points))[1]))
+            np.testing.assert_allclose(grads[1], grads[0], rtol=1e-12, atol=1e-14 * np.abs(grads[0]).max())
+            assert np.abs(grads[0]).max() > 1e-2
+        # some inputs of a layer lose an edge the others keep: the rows differ, the dense read is used
+        edges = Problem.build(model, task, metric="logit_diff").graph
+        some = np.ones(edges.n_gates)
+        some[edges.index("embed->a0.0.q")] = 0.0
+        assert shares_rows(edges, np.ones(edges.n_gates)) and not shares_rows(edges, some)
+
+
 def test_eap_is_exact_where_the_model_is_linear_in_the_gates():
     with jax.enable_x64(True):
         problem = _linear_problem()

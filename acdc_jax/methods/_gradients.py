@@ -34,7 +34,7 @@ from jax import lax
 from jaxtyping import Array
 
 from ..graph import Graph
-from ..models import Probes, gated_forward
+from ..models import Probes, gated_forward, rows_shared
 from ..patching import GatedRun, source_values, auto_chunk_size, bytes_per_configuration, chunked_vmap, device_memory_bytes
 from ._circuit import Circuit
 from ._problem import Problem
@@ -43,12 +43,28 @@ from ._problem import Problem
 # The probed forward: gated_forward with Probes
 
 
-def run_probed(run: GatedRun, gates: Array, *, ghost: Array | None = None, **extras) -> Array:
+def run_probed(run: GatedRun, gates: Array, *, ghost: Array | None = None, shared_rows: bool = False,
+               **extras) -> Array:
     """``gated_forward`` on a gated run with probes (``models.Probes``); gates and ghost gates are
-    gate vectors (not dense layouts)."""
+    gate vectors (not dense layouts). ``shared_rows``: see ``gated_forward`` (set it only when
+    ``shares_rows`` holds for the gate values)."""
     graph = run.graph
     probes = Probes(ghost=None if ghost is None else graph.dense(ghost), **extras)
-    return gated_forward(run.model, graph.dense(gates), run.ablation, run.tokens, positions=run.positions, probes=probes)
+    return gated_forward(run.model, graph.dense(gates), run.ablation, run.tokens, positions=run.positions, probes=probes,
+                         shared_rows=shared_rows)
+
+
+def shares_rows(graph: Graph, *gate_vectors) -> bool:
+    """Whether, at each of these gate vectors (``[..., n_gates]``), every input of a layer reads the
+    same gate row: then the probed forward reads one residual per layer (the plain model's cost)
+    and its gate gradients stay exact (``models.shared_rows_read``). True at all gates 1 of every
+    graph whose inputs see all earlier sources, and at EAP-IG-activations' group points."""
+    for vectors in gate_vectors:
+        vectors = np.asarray(vectors)
+        for vector in vectors.reshape((-1,) + vectors.shape[-1:]):
+            if not rows_shared(graph.dense(vector)):
+                return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,7 +213,7 @@ def gate_point_logits(run: GatedRun, row, point, aux, shared, per_config) -> Arr
     gates = aux["gates"][point] + shared[point]
     if per_config is not None:
         gates = gates + per_config
-    return run_probed(run, gates)
+    return run_probed(run, gates, shared_rows=aux.get("shared_rows", False))
 
 
 def embed_path_logits(run: GatedRun, row, point, aux, shared, per_config) -> Array:
@@ -209,6 +225,7 @@ def embed_path_logits(run: GatedRun, row, point, aux, shared, per_config) -> Arr
         ghost=aux["ghost_base"] + shared[point],
         ghost_deltas=ghost_deltas,
         embed_scale=aux["alphas"][point],
+        shared_rows=aux.get("shared_rows", False),
     )
 
 
@@ -219,6 +236,7 @@ def drop_layer_logits(run: GatedRun, row, point, aux, shared, per_config) -> Arr
         aux["gates"] + shared[point],
         pattern_offset=per_config,
         drop_layer=aux["drop"][point],
+        shared_rows=aux.get("shared_rows", False),
     )
 
 

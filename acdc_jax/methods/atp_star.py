@@ -59,6 +59,7 @@ from ._gradients import (
     grad_chunk_size,
     pullback,
     qk_edge_table,
+    shares_rows,
 )
 from ._problem import Problem
 
@@ -89,7 +90,7 @@ def atp_estimates(
         drop_layer_logits,
         n_points=n_points,
         weights=jnp.ones(n_points),
-        aux={"gates": graph.gates(1.0, dtype), "drop": jnp.asarray(drops)},
+        aux={"gates": graph.gates(1.0, dtype), "drop": jnp.asarray(drops), "shared_rows": shares_rows(graph, graph.gates(1.0, dtype))},
         shared=jnp.zeros((n_points, graph.n_gates), dtype),
         per_config=pattern,
         chunk_size=chunk_size,

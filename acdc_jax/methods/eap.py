@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._circuit import Circuit
-from ._gradients import MINIMUM_AT_CLEAN, attribution_circuit, gate_point_logits, pullback
+from ._gradients import MINIMUM_AT_CLEAN, attribution_circuit, gate_point_logits, pullback, shares_rows
 from ._problem import Problem
 
 
@@ -49,7 +49,7 @@ def gate_gradients(problem: Problem, points, *, chunk_size: int | None = None) -
         gate_point_logits,
         n_points=int(points.shape[0]),
         weights=jnp.ones(points.shape[0]),
-        aux={"gates": points},
+        aux={"gates": points, "shared_rows": shares_rows(problem.graph, points)},
         shared=jnp.zeros_like(points),
         chunk_size=chunk_size,
     )

@@ -55,6 +55,7 @@ from ._gradients import (
     input_difference_aux,
     pullback,
     run_probed,
+    shares_rows,
 )
 from ._problem import Problem
 from .eap import gate_gradients
@@ -96,12 +97,13 @@ def input_path_gradients(problem: Problem, alphas, *, chunk_size: int | None = N
     graph = problem.graph
     alphas = jnp.asarray(alphas, dtype)
     n_points = int(alphas.shape[0])
+    ones, difference = graph.gates(1.0, dtype), input_difference_aux(problem)
     _, grad, _ = pullback(
         problem,
         embed_path_logits,
         n_points=n_points,
         weights=jnp.ones(n_points),
-        aux={"gates": graph.gates(1.0, dtype), "alphas": alphas, **input_difference_aux(problem)},
+        aux={"gates": ones, "alphas": alphas, **difference, "shared_rows": shares_rows(graph, ones, difference["ghost_base"])},
         shared=jnp.zeros((n_points, graph.n_gates), dtype),
         chunk_size=chunk_size,
     )

@@ -61,7 +61,14 @@ import numpy as np
 
 from ..models import Ablation
 from ._circuit import Circuit
-from ._gradients import attribution_circuit, fold_internal_edges, input_difference_aux, pullback, run_probed
+from ._gradients import (
+    attribution_circuit,
+    fold_internal_edges,
+    input_difference_aux,
+    pullback,
+    run_probed,
+    shares_rows,
+)
 from ._problem import Problem
 
 GROUPINGS = ("all", "own")
@@ -98,7 +105,8 @@ def group_mix_logits(run, row, point, aux, shared, per_config):
     mask = aux["masks"][point][:, None, None, None]
     values = run.ablation.values + aux["alphas"][point] * mask * deltas
     mixed = run.__class__(run.model, run.graph, run.tokens, Ablation.from_values(run.model, values), run.positions)
-    return run_probed(mixed, aux["gates"][point], ghost=aux["ghost_base"] + shared[point], ghost_deltas=deltas)
+    return run_probed(mixed, aux["gates"][point], ghost=aux["ghost_base"] + shared[point], ghost_deltas=deltas,
+                      shared_rows=aux.get("shared_rows", False))
 
 
 def group_path_gradients(problem: Problem, steps: int, *, chunk_size: int | None = None):
@@ -120,6 +128,7 @@ def group_path_gradients(problem: Problem, steps: int, *, chunk_size: int | None
     point_masks = np.repeat(np.array(masks), steps, axis=0)
     point_gates = np.repeat(np.array(gates), steps, axis=0)
     n_points = n_groups * steps
+    difference = input_difference_aux(problem)
     _, grad, _ = pullback(
         problem,
         group_mix_logits,
@@ -129,7 +138,8 @@ def group_path_gradients(problem: Problem, steps: int, *, chunk_size: int | None
             "gates": jnp.asarray(point_gates, dtype),
             "masks": jnp.asarray(point_masks, dtype),
             "alphas": jnp.asarray(point_alphas, dtype),
-            **input_difference_aux(problem),
+            **difference,
+            "shared_rows": shares_rows(graph, point_gates, difference["ghost_base"]),
         },
         shared=jnp.zeros((n_points, graph.n_gates), dtype),
         chunk_size=chunk_size,

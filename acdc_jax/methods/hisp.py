@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._circuit import Circuit
-from ._gradients import MINIMUM_AT_CLEAN, attribution_circuit, gate_point_logits, pullback
+from ._gradients import MINIMUM_AT_CLEAN, attribution_circuit, gate_point_logits, pullback, shares_rows
 from ._problem import Problem
 
 
@@ -40,7 +40,7 @@ def per_prompt_gate_gradients(problem: Problem, gates, *, chunk_size: int | None
         gate_point_logits,
         n_points=1,
         weights=jnp.ones(1),
-        aux={"gates": gates[None]},
+        aux={"gates": gates[None], "shared_rows": shares_rows(problem.graph, gates)},
         shared=jnp.zeros_like(gates)[None],
         per_config=jnp.zeros((n_rows, gates.shape[0]), dtype),
         chunk_size=chunk_size,

@@ -36,7 +36,9 @@ from ._transformer import (
     project_heads,
     queries_keys,
     rotary_tables,
+    rows_shared,
     run_with_sources,
+    shared_rows_read,
 )
 
 __all__ = [
@@ -73,7 +75,9 @@ __all__ = [
     "project_heads",
     "queries_keys",
     "rotary_tables",
+    "rows_shared",
     "run_with_sources",
     "save_model",
+    "shared_rows_read",
     "shipped_model_names",
 ]

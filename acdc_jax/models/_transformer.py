@@ -539,6 +539,48 @@ def _dropped(x: Array, layer, drop_layer) -> Array:
     return jnp.where(layer == drop_layer, lax.stop_gradient(x), x)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def shared_rows_read(gates: Array, buffer: Array, precision) -> Array:
+    """``einsum("(p)ds,sbpm->dbpm", gates, buffer)`` for gates whose rows ``d`` are all equal.
+
+    The forward reads one row and broadcasts it to every input (one residual per layer, as the
+    plain model has); the backward is the dense read's, exactly: ``d/dgates[(p,) d, s] =
+    buffer[s] . ct[d]`` for every row, and ``d/dbuffer[s] = row[s] * sum_d ct[d]``. Exact only
+    when the rows are equal: callers check that on the concrete gates (``rows_shared``).
+    """
+    return _shared_rows_forward(gates, buffer, precision)
+
+
+def _shared_rows_forward(gates, buffer, precision):
+    per_position = gates.ndim == 3
+    row = gates[:, 0] if per_position else gates[0]
+    one = jnp.einsum("ps,sbpm->bpm" if per_position else "s,sbpm->bpm", row, buffer, precision=precision)
+    n_in = gates.shape[-2]
+    return jnp.broadcast_to(one[None], (n_in,) + one.shape)
+
+
+def _shared_rows_fwd(gates, buffer, precision):
+    return _shared_rows_forward(gates, buffer, precision), (gates, buffer)
+
+
+def _shared_rows_bwd(precision, residuals, ct):
+    gates, buffer = residuals
+    per_position = gates.ndim == 3
+    row = gates[:, 0] if per_position else gates[0]
+    d_gates = jnp.einsum("sbpm,dbpm->pds" if per_position else "sbpm,dbpm->ds", buffer, ct, precision=precision)
+    d_buffer = jnp.einsum("ps,bpm->sbpm" if per_position else "s,bpm->sbpm", row, ct.sum(0), precision=precision)
+    return d_gates.astype(gates.dtype), d_buffer.astype(buffer.dtype)
+
+
+shared_rows_read.defvjp(_shared_rows_fwd, _shared_rows_bwd)
+
+
+def rows_shared(dense: "DenseGates") -> bool:
+    """Whether every input of each layer reads the same gate row (``shared_rows_read`` is exact)."""
+    attn = np.asarray(dense.attn)
+    return bool(np.array_equal(attn, np.broadcast_to(attn[..., :1, :], attn.shape)))
+
+
 def gated_forward(
     model: Transformer,
     gates: DenseGates,
@@ -551,6 +593,7 @@ def gated_forward(
     deltas: Float[Array, "n_sources batch pos d_model"] | None = None,
     return_deltas: bool = False,
     probes: Probes | None = None,
+    shared_rows: bool = False,
 ):
     """The forward pass in which every destination input is a gate-weighted interpolation.
 
@@ -568,6 +611,11 @@ def gated_forward(
     destination being pruned still see all gates at 1); the layers before it are not run. With a
     traced ``start_layer`` the loop is a ``while_loop`` (one compilation for every start layer,
     not reverse-differentiable); with a Python int it is a scan.
+
+    ``shared_rows=True`` promises that every input of a layer reads the same gate row (and ghost
+    row), as at all gates 1 of a graph whose inputs see every earlier source: each layer then reads
+    one residual (``shared_rows_read``), the plain model's cost, while the gradient with respect to
+    every gate stays the dense read's. The gradient methods set it when ``rows_shared`` holds.
 
     Returns the logits ``[batch, pos_or_k, d_vocab_out]``; with ``return_deltas`` also the final
     difference buffer, from which ``deltas[s] + ablation.values[s]`` is source s's output in this run.
@@ -598,9 +646,15 @@ def gated_forward(
     ghost = None if probes.ghost is None else jax.tree.map(lambda g: g.astype(deltas.dtype), probes.ghost)
 
     def gated_read(spec, layer_gates, ghost_gates, buffer, visible):
-        out = jnp.einsum(spec, layer_gates[..., :visible], buffer[:visible], precision=precision)
+        if shared_rows and spec == read:
+            def one(g, b):
+                return shared_rows_read(g, b, precision)
+        else:
+            def one(g, b):
+                return jnp.einsum(spec, g, b, precision=precision)
+        out = one(layer_gates[..., :visible], buffer[:visible])
         if ghost_gates is not None:
-            out = out + jnp.einsum(spec, ghost_gates[..., :visible], probes.ghost_deltas[:visible], precision=precision)
+            out = out + one(ghost_gates[..., :visible], probes.ghost_deltas[:visible])
         return out
 
     def layer_step(layer, deltas, visible: int):
