@@ -309,22 +309,36 @@ def test_discover_on_a_llama_folder_tokenizes_with_its_tokenizer_and_writes_the_
     assert data["n_edges_total"] == Graph.from_model(model.config).n_gates == len(data["edges"])
 
 
-def test_a_tokenizer_that_does_not_fit_the_model_is_refused(llama_folder, tmp_path):
-    runner = CliRunner()
-    args = ["--task", "ioi", "--method", "acdc", "--threshold", "0.01"]
-    bare = tmp_path / "no-tokenizer"  # the Llama without its tokenizer files
-    bare.mkdir()
+@pytest.fixture(scope="module")
+def misfits(llama_folder, tmp_path_factory):
+    """The Llama without its tokenizer files, and a Llama with fewer embeddings than its tokenizer has tokens."""
+    bare = tmp_path_factory.mktemp("no-tokenizer")
     for name in ("config.json", "model.safetensors"):
         shutil.copy(llama_folder / name, bare / name)
+    small = tmp_path_factory.mktemp("small")
+    n_tokens = word_level(small).get_vocab_size()
+    save_llama(small, n_tokens - 10)
+    return bare, small, n_tokens
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused(misfits):
+    bare, small, n_tokens = misfits
+    runner = CliRunner()
+    args = ["--task", "ioi", "--method", "acdc", "--threshold", "0.01"]
     result = runner.invoke(app, ["discover", "--model", str(bare), *args])
     assert result.exit_code == 2, result.output
     assert "has no tokenizer files" in flat(result.output) and "is not GPT-2's" in flat(result.output)
-    small = tmp_path / "small"  # a model with fewer embeddings than the tokenizer has tokens
-    n_tokens = word_level(small).get_vocab_size()
-    save_llama(small, n_tokens - 10)
     result = runner.invoke(app, ["discover", "--model", str(small), *args])
     assert result.exit_code == 2, result.output
     assert f"has {n_tokens} tokens but the model embeds only {n_tokens - 10}" in flat(result.output)
     # a GPT-2-vocabulary model without tokenizer files falls back to GPT-2's, and says so
     tokenizer, note = tokenizer_for_model(bare, 50257)
     assert tokenizer is gpt2_tokenizer() and "using GPT-2's shipped tokenizer" in note
+
+
+def test_experiments_tokenize_with_the_models_tokenizer_too(misfits):
+    from experiments._runner import run_experiment
+
+    bare, small, n_tokens = misfits
+    with pytest.raises(SystemExit, match=f"has {n_tokens} tokens but the model embeds only {n_tokens - 10}"):
+        run_experiment("greater-than", model=str(small), small=True, echo=lambda *_: None)
