@@ -170,7 +170,7 @@ class Tokenizer:
         ids = self.encode(_WORD_CONTEXT)
         return ids, self.backend.decode(ids, skip_special_tokens=False)
 
-    def token_text(self, token: int) -> str:
+    def token_text(self, token: int | np.integer) -> str:
         """One token's text as it reads mid-sentence (``" Mary"``, also for SentencePiece's ``"▁Mary"``).
 
         Decoders drop the space of a text's first token, so the token is decoded after a word and
