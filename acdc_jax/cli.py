@@ -83,23 +83,34 @@ def discover(
     checkpoint: Annotated[Optional[Path], typer.Option(help="ACDC: checkpoint file; an interrupted run resumes from it.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the circuit as JSON here.")] = None,
     option: Annotated[Optional[list[str]], typer.Option(help="Extra method option key=value (repeatable).")] = None,
-    task_option: Annotated[Optional[list[str]], typer.Option(help="Task builder option key=value (repeatable).")] = None,
+    task_option: Annotated[Optional[list[str]], typer.Option(help="Task builder option key=value (repeatable). Text tasks (ioi, greater-than, docstring) use --model's own tokenizer.")] = None,
     dtype: Annotated[str, typer.Option(help="float32, or bfloat16 for bf16 weights and activations (LayerNorm, softmax and metrics stay float32).")] = "float32",
 ) -> None:
     """Find a circuit: run a discovery method on a model and task, print it, and score it against
     the task's canonical circuit when there is one."""
     from . import methods
-    from .models import LoadError, load_model
-    from .tasks import TaskError, get_task
+    from .models import LoadError, load_model, model_directory
+    from .tasks import TaskError, get_task, takes_tokenizer, tokenizer_for_model
 
     if dtype not in ("float32", "bfloat16"):
         _fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     try:
-        the_task = get_task(task, **_parse_options(task_option, "--task-option"))
+        task_options = _parse_options(task_option, "--task-option")
+        if "tokenizer" in task_options:
+            _fail("the tokenizer comes from --model (the tokenizer files in its folder); there is no tokenizer task option")
+        the_model = tokenizer = None
+        if model is not None and takes_tokenizer(task):  # a text task: tokenize with the model's own tokenizer
+            the_model = load_model(model)
+            tokenizer, note = tokenizer_for_model(model_directory(model), the_model.config.d_vocab)
+            if note:
+                console.print(note, soft_wrap=True, markup=False)
+            task_options["tokenizer"] = tokenizer
+        the_task = get_task(task, **task_options)
         model_name = model or the_task.model
         if model_name is None:
             _fail(f"task {the_task.name!r} names no model: pass --model NAME_OR_DIR")
-        the_model = load_model(model_name)
+        if the_model is None:
+            the_model = load_model(model_name)
         if dtype == "bfloat16":
             import jax.numpy as jnp
 
@@ -123,6 +134,8 @@ def discover(
 
     console.print(f"[bold]{method}[/] on [bold]{the_task.name}[/] ({the_task.n_prompts} prompts) with "
                   f"{the_model.config.name or model_name}")
+    if tokenizer is not None:
+        console.print(f"prompts tokenized with the {tokenizer.describe()}", soft_wrap=True, markup=False)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("kept {task.fields[kept]}"), TextColumn("metric {task.fields[metric]}"),
                   TimeElapsedColumn(), console=console, transient=False) as bar:

@@ -25,8 +25,8 @@ import numpy as np
 from acdc_jax.evaluate import faithfulness_curve, kl_to_clean, plot_faithfulness, plot_roc, roc_curve
 from acdc_jax.graph import Graph, GraphError
 from acdc_jax.methods import Problem, get_method
-from acdc_jax.models import GPT2_SHAPES, TransformerConfig, init_model, load_model
-from acdc_jax.tasks import Task, get_task
+from acdc_jax.models import GPT2_SHAPES, TransformerConfig, init_model, load_model, model_directory
+from acdc_jax.tasks import Task, TaskError, get_task, takes_tokenizer, tokenizer_for_model
 
 RANDOM_WEIGHTS_LABEL = "RANDOM WEIGHTS (dry run, not a result)"
 
@@ -168,11 +168,28 @@ def run_experiment(
     task_options: dict | None = None,
     echo=print,
 ) -> list[dict]:
-    """Run the comparison on one task and write its results; returns the table rows."""
-    task = get_task(task_name, **(task_options or {}))
+    """Run the comparison on one task and write its results; returns the table rows.
+
+    A text task (IOI, Greater-Than, Docstring) on ``model`` (a directory) is tokenized with that
+    model's own tokenizer, as ``acdc-jax discover`` does.
+    """
+    task_options = dict(task_options or {})
+    preloaded = None
+    if model is not None and not random_weights and takes_tokenizer(task_name) and "tokenizer" not in task_options:
+        try:
+            preloaded = load_model(model)
+            task_options["tokenizer"], note = tokenizer_for_model(model_directory(model), preloaded.config.d_vocab)
+        except (TaskError, ValueError) as err:
+            raise SystemExit(str(err)) from None
+        if note:
+            echo(note)
+    task = get_task(task_name, **task_options)
     if small and task.n_prompts > 16:
         task = task.subset(np.arange(16))
-    the_model, model_name = load_experiment_model(task, model, random_weights, small)
+    if preloaded is not None:
+        the_model, model_name = preloaded, model
+    else:
+        the_model, model_name = load_experiment_model(task, model, random_weights, small)
     runs = default_methods(task, small)
     if methods is not None:
         unknown = sorted(set(methods) - {r.method for r in runs})

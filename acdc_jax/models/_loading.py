@@ -478,16 +478,8 @@ def _load_hf(path: Path, dtype) -> Transformer:
 # The entry point
 
 
-def load_model(path_or_name: str | os.PathLike, *, dtype=jnp.float32) -> Transformer:
-    """Load a model from a local directory or a shipped name; nothing is downloaded.
-
-    Names: ``tracr-reverse``, ``tracr-xproportion``, ``induction`` (shipped in ``models/``), and
-    ``gpt2``/``gpt2-medium``/... when a Hugging Face directory of that name sits in ``models/``.
-    A directory holds either a Hugging Face GPT-2 checkpoint (``config.json`` plus
-    ``model.safetensors``, ``pytorch_model.bin`` read with ``weights_only=True``, or
-    ``flax_model.msgpack``), a tracr export (``config.json`` + ``weights.npz``) or an acdc-jax
-    checkpoint (``acdc_jax_config.json`` + ``weights.safetensors``).
-    """
+def model_directory(path_or_name: str | os.PathLike) -> Path:
+    """The directory ``load_model(path_or_name)`` reads: the path itself, or a shipped or GPT-2 name's folder."""
     key = str(path_or_name)
     path = Path(path_or_name)
     if not path.exists():
@@ -512,6 +504,20 @@ def load_model(path_or_name: str | os.PathLike, *, dtype=jnp.float32) -> Transfo
             raise LoadError(f"the shipped model {key!r} is missing from {path}; set ACDC_JAX_MODELS to the models/ folder")
     if not path.is_dir():
         raise LoadError(f"{path} is a file; pass the directory that holds config.json and the weights")
+    return path
+
+
+def load_model(path_or_name: str | os.PathLike, *, dtype=jnp.float32) -> Transformer:
+    """Load a model from a local directory or a shipped name; nothing is downloaded.
+
+    Names: ``tracr-reverse``, ``tracr-xproportion``, ``induction`` (shipped in ``models/``), and
+    ``gpt2``/``gpt2-medium``/... when a Hugging Face directory of that name sits in ``models/``.
+    A directory holds either a Hugging Face GPT-2 checkpoint (``config.json`` plus
+    ``model.safetensors``, ``pytorch_model.bin`` read with ``weights_only=True``, or
+    ``flax_model.msgpack``), a tracr export (``config.json`` + ``weights.npz``) or an acdc-jax
+    checkpoint (``acdc_jax_config.json`` + ``weights.safetensors``).
+    """
+    path = model_directory(path_or_name)
     if (path / OWN_CONFIG_FILE).exists():
         return _load_own(path, dtype)
     if not (path / "config.json").exists():

@@ -1,16 +1,19 @@
 """Tasks by name: each module builds a ``Task`` (prompts, read positions, metric, canonical circuit).
 
-A path to a JSON task file (``custom.py``) is a task name too.
+A path to a JSON task file (``custom.py``) is a task name too. The text tasks (IOI, Greater-Than,
+Docstring) take a ``tokenizer`` (``load_tokenizer(model_folder)``; default GPT-2's).
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from ._task import ABLATIONS, CanonicalCircuit, Task, TaskError
+from ._tokenizer import Tokenizer, gpt2_tokenizer, load_tokenizer, tokenizer_for_model
 from .custom import load_task_json, save_task_json, task_from_dict, task_to_dict
 from .docstring import docstring_task
 from .greaterthan import greater_than_task
@@ -39,6 +42,12 @@ def task_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def takes_tokenizer(name: str | os.PathLike | Task) -> bool:
+    """Whether the registered task ``name`` is built from text with a ``tokenizer`` argument."""
+    builder = _REGISTRY.get(name) if isinstance(name, str) else None
+    return builder is not None and "tokenizer" in inspect.signature(builder).parameters
+
+
 def get_task(name: str | os.PathLike | Task, **kwargs) -> Task:
     """A task by registered name (builder keyword arguments pass through) or a JSON task file."""
     if isinstance(name, Task):
@@ -57,17 +66,22 @@ __all__ = [
     "CanonicalCircuit",
     "Task",
     "TaskError",
+    "Tokenizer",
     "docstring_task",
     "get_task",
+    "gpt2_tokenizer",
     "greater_than_task",
     "induction_task",
     "ioi_task",
     "load_task_json",
+    "load_tokenizer",
     "register_task",
     "save_task_json",
     "task_from_dict",
     "task_names",
     "task_to_dict",
+    "takes_tokenizer",
+    "tokenizer_for_model",
     "tracr_reverse",
     "tracr_task",
     "tracr_xproportion",

@@ -74,7 +74,8 @@ class Task:
     - ``positions``: ``[batch, k]`` the positions the metric reads (END, or every output position).
     - ``metric``/``metric_options``: the metric the ACDC paper uses for this task.
     - ``answers``/``wrong_answers``: ``[batch, n]`` token ids (``nll`` with ``k`` reads: ``[batch, k]``).
-    - ``answer_mask``/``wrong_mask``: ``[batch, vocab]`` token sets (Greater-Than).
+    - ``answer_mask``/``wrong_mask``: ``[batch, vocab]`` token sets (Greater-Than), over the
+      tokenizer's vocabulary; ``metric_inputs`` fits them to the model's outputs.
     - ``read_mask``: ``[batch, k]`` weights of the read positions (0 for padding).
     - ``labels``: named token positions per prompt (IOI's ``IO``, ``S1``, ``S1+1``, ``S2``, ``END``).
     - ``ablation``: what gate 0 means by default (``corrupt``, ``zero`` or ``mean``).
@@ -213,6 +214,11 @@ class Task:
             arr = getattr(self, field)
             if arr is not None and int(arr.max()) >= cfg.d_vocab_out:
                 raise InputError(f"task {self.name!r}: {field} token id {int(arr.max())} is outside the model's {cfg.d_vocab_out} outputs")
+        for field in ("answer_mask", "wrong_mask"):
+            arr = getattr(self, field)
+            if arr is not None and arr[:, cfg.d_vocab_out :].any():
+                top = int(np.flatnonzero(arr.any(0))[-1])
+                raise InputError(f"task {self.name!r}: {field} marks token id {top}, outside the model's {cfg.d_vocab_out} outputs")
 
     def gated_run(self, model: Transformer, graph: Graph, ablation: str | None = None) -> GatedRun:
         """The gated run of this task's clean prompts under ``ablation`` (default: the task's).
@@ -240,11 +246,21 @@ class Task:
         def arr(x, dtype=None):
             return None if x is None else jnp.asarray(x, dtype)
 
+        def vocab_mask(mask):
+            # a task's masks span its tokenizer's vocabulary; the model may have more outputs (Pythia's
+            # embedding is padded to 50,304 rows for 50,277 tokens), which no answer is
+            if mask is None:
+                return None
+            n_out = model.config.d_vocab_out
+            fitted = np.zeros((mask.shape[0], n_out), bool)
+            fitted[:, : min(n_out, mask.shape[1])] = mask[:, :n_out]
+            return jnp.asarray(fitted)
+
         return MetricInputs(
             clean_logits=clean_logits,
             answers=arr(self.answers),
             wrong_answers=arr(self.wrong_answers),
-            answer_mask=arr(self.answer_mask, bool),
-            wrong_mask=arr(self.wrong_mask, bool),
+            answer_mask=vocab_mask(self.answer_mask),
+            wrong_mask=vocab_mask(self.wrong_mask),
             read_mask=arr(self.read_mask, model.dtype),
         )

@@ -23,7 +23,9 @@ are available here. This module ships what carries over:
   ``attn_only_4l_circuit()`` gives ACDC's 37 edges of the 4-layer model (24 residual edges + 13
   internal q/k/v edges), for a user who brings that model.
 
-The task's default model is ``gpt2`` (GPT-2 small shape).
+The task's default model is ``gpt2`` (GPT-2 small shape). With another tokenizer (``tokenizer=``), the
+variable names are those that are one token after a space, and a prompt whose labelled arguments do
+not come out as single tokens in place is a ``TaskError``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import random
 import numpy as np
 
 from ._task import CanonicalCircuit, Task, TaskError
-from ._tokenizer import END_OF_TEXT, encode_pair, encode_with_offsets, right_pad, single_token, token_at
+from ._tokenizer import Tokenizer, gpt2_tokenizer, right_pad, token_at
 
 # ACDC's word lists (acdc/docstring/prompts.py: variable_names, common_single_token_nouns), in
 # their order: the random draws index into them.
@@ -107,6 +109,8 @@ NOUNS = tuple(
 # ACDC's get_all_docstring_things settings
 N_MATCHING, N_DEF_PREFIX, N_DEF_SUFFIX, N_DOC_PREFIX = 3, 2, 1, 0
 DESCRIPTION_WORDS, PARAM_DESCRIPTION_WORDS = 3, 2
+# names drawn per prompt besides the method's (the generator's groups, in the order it splits them)
+_N_NAMES = 1 + 2 * N_MATCHING + 2 * (N_MATCHING - 1) + N_DEF_PREFIX + N_DEF_SUFFIX + N_DOC_PREFIX
 _INDENT = "    "
 
 CANONICAL_NODES = ("embed", "a0.5", "a1.2", "a1.4", "a2.0", "a3.0", "a3.6")
@@ -144,25 +148,50 @@ def _render(method: str, description: list[str], def_args: list[str], doc_args: 
     return text + f"{_INDENT}:param", def_starts, doc_starts
 
 
-def docstring_task(n_prompts: int = 50, *, seed: int = 0, split: str = "validation") -> Task:
+def single_token_variable_names(tokenizer: Tokenizer | None = None) -> tuple[str, ...]:
+    """ACDC's variable names that are one token of ``tokenizer`` after a space (GPT-2 keeps all)."""
+    tokenizer = tokenizer or gpt2_tokenizer()
+    kept = tuple(name for name in VARIABLE_NAMES if tokenizer.single_token_or_none(" " + name) is not None)
+    needed = 1 + _N_NAMES
+    if len(kept) < needed:
+        dropped = [name for name in VARIABLE_NAMES if name not in kept]
+        shown = "; ".join(f"' {name}': {tokenizer.describe_word(' ' + name)}" for name in dropped[:4])
+        raise TaskError(
+            f"Docstring draws {needed} distinct variable names per prompt, each a single token after a space, but "
+            f"only {len(kept)} of ACDC's {len(VARIABLE_NAMES)} are single tokens of the {tokenizer.describe()}. "
+            f"For example {shown}"
+        )
+    return kept
+
+
+def docstring_task(
+    n_prompts: int = 50, *, seed: int = 0, split: str = "validation", tokenizer: Tokenizer | None = None
+) -> Task:
     """The Docstring task: prompt i of the validation split is ACDC's prompt with seed ``seed + i``.
 
     ACDC draws ``2 * n_prompts`` prompts (seeds 0..2N-1) and uses the first half for discovery;
     ``split="test"`` is the second half.
+
+    ``tokenizer`` (default GPT-2's): variable names are drawn from those that are single tokens
+    after a space (``single_token_variable_names``; all for GPT-2), and every prompt starts with the
+    tokenizer's BOS (or, lacking one, its EOS, as GPT-2's ``<|endoftext|>``).
     """
+    tokenizer = tokenizer or gpt2_tokenizer()
     if n_prompts < 1:
         raise TaskError(f"n_prompts must be positive, got {n_prompts}")
     if split not in ("validation", "test"):
         raise TaskError(f"split must be 'validation' or 'test', got {split!r}")
     first = seed if split == "validation" else seed + n_prompts
-    n_names = 1 + 2 * N_MATCHING + 2 * (N_MATCHING - 1) + N_DEF_PREFIX + N_DEF_SUFFIX + N_DOC_PREFIX
+    variable_names = single_token_variable_names(tokenizer)
+    start_id = tokenizer.document_start_id
+    start = [] if start_id is None else [start_id]
 
     clean_rows, corrupt_rows, texts, answers, wrong = [], [], [], [], []
     label_names = ("A_def", "B_def", "C_def", "A_doc", "B_doc", "END")
     labels: dict[str, list[int]] = {k: [] for k in label_names}
     for i in range(n_prompts):
         rng = random.Random(first + i)
-        method, *args = rng.sample(VARIABLE_NAMES, 1 + n_names)
+        method, *args = rng.sample(variable_names, 1 + _N_NAMES)
         # ACDC's generator splits the drawn names in this order; the unused groups feed its other corruptions
         sizes = (1, N_MATCHING, N_MATCHING - 1, N_MATCHING - 1, N_MATCHING, N_DEF_PREFIX, N_DEF_SUFFIX, N_DOC_PREFIX)
         _, rr_def, rr_doc, _, matching, def_prefix, def_suffix, doc_prefix = _split(args, sizes)
@@ -174,10 +203,10 @@ def docstring_task(n_prompts: int = 50, *, seed: int = 0, split: str = "validati
         corrupt_text, _, _ = _render(method, description, def_prefix + rr_def + def_suffix, doc_prefix + rr_doc, doc_descriptions)
 
         answer = matching[-1]
-        answer_id = single_token(" " + answer, what=f"prompt {i}: answer")
-        wrong_ids = [single_token(" " + a, what=f"prompt {i}: wrong answer") for a in args if a != answer]
-        clean_ids, corrupt_ids = encode_pair(clean_text, corrupt_text, row=i)
-        ids, offsets = encode_with_offsets(clean_text)
+        answer_id = tokenizer.single_token(" " + answer, what=f"prompt {i}: answer")
+        wrong_ids = [tokenizer.single_token(" " + a, what=f"prompt {i}: wrong answer") for a in args if a != answer]
+        clean_ids, corrupt_ids = tokenizer.encode_pair(clean_text, corrupt_text, row=i, start=start)
+        ids, offsets = tokenizer.encode_with_offsets(clean_text)
         places = {
             **{f"{letter}_def": def_starts[N_DEF_PREFIX + k] for k, letter in enumerate("ABC")},
             **{f"{letter}_doc": doc_starts[N_DOC_PREFIX + k] for k, letter in enumerate("AB")},
@@ -185,12 +214,15 @@ def docstring_task(n_prompts: int = 50, *, seed: int = 0, split: str = "validati
         for label, char in places.items():
             at = token_at(offsets, char)
             word = matching["ABC".index(label[0])]
-            if ids[at] != single_token(" " + word, what=f"prompt {i}: argument"):
-                raise TaskError(f"prompt {i}: {label} should be the token ' {word}' at position {at} of {clean_text!r}")
-            labels[label].append(at + 1)  # +1: the BOS in front
-        labels["END"].append(len(ids))
-        clean_rows.append([END_OF_TEXT] + clean_ids)
-        corrupt_rows.append([END_OF_TEXT] + corrupt_ids)
+            if ids[at] != tokenizer.single_token(" " + word, what=f"prompt {i}: argument"):
+                raise TaskError(
+                    f"prompt {i}: {label} should be the token ' {word}' at position {at} of {clean_text!r}, which "
+                    f"tokenizes to {tokenizer.token_strings(ids)}"
+                )
+            labels[label].append(at + len(start))  # the BOS in front
+        labels["END"].append(len(ids) - 1 + len(start))
+        clean_rows.append(clean_ids)
+        corrupt_rows.append(corrupt_ids)
         texts.append(clean_text)
         answers.append([answer_id])
         wrong.append(wrong_ids)
@@ -198,8 +230,8 @@ def docstring_task(n_prompts: int = 50, *, seed: int = 0, split: str = "validati
     end = np.asarray(labels["END"], np.int32)
     return Task(
         name="docstring",
-        clean=right_pad(clean_rows),
-        corrupt=right_pad(corrupt_rows),
+        clean=right_pad(clean_rows, tokenizer.pad_id),
+        corrupt=right_pad(corrupt_rows, tokenizer.pad_id),
         positions=end[:, None],
         metric="logit_diff",
         metric_options={"wrong_reduce": "max"},
@@ -208,9 +240,10 @@ def docstring_task(n_prompts: int = 50, *, seed: int = 0, split: str = "validati
         labels={k: np.asarray(v, np.int32) for k, v in labels.items()},
         canonical=canonical_circuit(),
         ablation="corrupt",
-        model="gpt2",
+        model=tokenizer.model_name,
         discovery_metric="kl",
-        description=f"Docstring (ACDC's generator, random_random corruption), seeds from {first}, {split} split",
+        description=f"Docstring (ACDC's generator, random_random corruption), seeds from {first}, {split} split"
+        + (f"; {tokenizer.describe()}" if tokenizer.folder is not None else ""),
         prompts=tuple(texts),
     )
 

@@ -10,6 +10,13 @@ token, as ACDC does. Nouns and years are drawn as ACDC draws them: ``torch.manua
 being ``split="validation"``. The draws are reproduced without torch (torch's CPU generator is a
 standard MT19937), so the defaults (seed 54, 100 prompts) are ACDC's discovery set exactly.
 
+**Other tokenizers** (``tokenizer=``): the 100 answer tokens are the vocabulary's "00".."99" (the tokens
+that complete " XX"), the years those that split as " XX" + "YY" (``years``), the nouns those that are
+one token (``single_token_nouns``); prompts start with the tokenizer's BOS when its model expects one,
+and the labels say where each part sits. A tokenizer that writes numbers one digit per token (Llama
+2, Mistral, Gemma, Qwen) or in chunks of three (Llama 3) cannot pose the task: a ``TaskError`` says so.
+The canonical circuit is attached only for GPT-2's vocabulary.
+
 Metric: ``prob_diff`` = p(year tokens > YY) - p(year tokens <= YY) at the last position, over the
 100 two-digit tokens "00".."99" (``answer_mask``/``wrong_mask``); ACDC's ``greaterthan_metric`` is
 its negative. Labels: ``NOUN``, ``XX1``, ``YY``, ``END``.
@@ -29,7 +36,7 @@ import numpy as np
 
 from ..graph import Graph
 from ._task import CanonicalCircuit, Task, TaskError
-from ._tokenizer import GPT2_VOCAB_SIZE, encode, single_token, token_strings
+from ._tokenizer import Tokenizer, gpt2_tokenizer, token_at
 from .ioi import _nodes_of
 
 # ACDC's NOUNS list (acdc/greaterthan/utils.py), in its order: the random draws index into it.
@@ -54,7 +61,6 @@ TEMPLATES = {
     "acdc": "The {noun} lasted from the year {year} to {century}",
     "paper": "The {noun} lasted from the year {year} to the year {century}",
 }
-YY_POSITION = 7  # "The", " noun", " lasted", " from", " the", " year", " XX", "YY"
 
 # ACDC's ground truth: groups of nodes (Hanna et al.'s names), and which groups feed which.
 GT_GROUPS = {
@@ -68,25 +74,80 @@ GT_CONNECTIONS = (("01", "MEARLY"), ("01", "AMID"), ("0305", "AMID"), ("MEARLY",
 CANONICAL_EDGE_COUNT = 235  # + 27 internal q/k/v edges = ACDC's 262
 
 
-@lru_cache(maxsize=1)
-def year_token_ids() -> tuple[int, ...]:
-    """Token ids of "00", "01", ..., "99" (each one token)."""
-    return tuple(single_token(f"{i:02d}", what="two-digit year") for i in range(100))
+MIN_NOUNS = 10
 
 
-@lru_cache(maxsize=1)
-def years() -> tuple[str, ...]:
+def _cannot_pose(tokenizer: Tokenizer, problem: str) -> TaskError:
+    """Why Greater-Than cannot be posed with ``tokenizer``, with how it splits a year."""
+    example = " 1289"
+    ids = tokenizer.word_ids(example) or tokenizer.encode(example)
+    pieces = tokenizer.token_strings(ids)
+    digits = [p.strip() for p in pieces if p.strip()]
+    how = ""
+    if "".join(digits) == example.strip() and all(d.isdigit() for d in digits):
+        if all(len(d) == 1 for d in digits):
+            how = " (one token per digit, as the Llama 2, Mistral, Gemma and Qwen tokenizers split numbers)"
+        elif max(len(d) for d in digits) <= 3 and len(digits) > 1:
+            how = " (numbers in chunks of up to three digits, as Llama 3's tokenizer splits them)"
+    return TaskError(
+        f"Greater-Than needs years that tokenize as ' XX' + 'YY': a century token, then one of the 100 two-digit "
+        f"tokens '00'..'99' (GPT-2 splits ' 1289' into ' 12' + '89'); the {tokenizer.describe()} {problem}. It "
+        f"splits {example!r} into {pieces}{how}. The task cannot be posed with this tokenizer: use a model whose "
+        "tokenizer splits years that way, or bring a task of your own (a task JSON of token ids, acdc_jax/tasks/custom.py)"
+    )
+
+
+def year_token_ids(tokenizer: Tokenizer | None = None) -> tuple[int, ...]:
+    """Token ids of "00", "01", ..., "99", the tokens that complete a year after " XX" (each one token)."""
+    return _year_token_ids(tokenizer or gpt2_tokenizer())
+
+
+@lru_cache(maxsize=4)
+def _year_token_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+    # the vocabulary's entry: encoding "89" alone would give SentencePiece's start-of-word "▁89"
+    ids = [tokenizer.backend.token_to_id(f"{i:02d}") for i in range(100)]
+    missing = [f"{i:02d}" for i, token in enumerate(ids) if token is None]
+    if missing:
+        raise _cannot_pose(tokenizer, f"has no token for {len(missing)} of them ({', '.join(missing[:5])}...)")
+    return tuple(ids)
+
+
+def years(tokenizer: Tokenizer | None = None) -> tuple[str, ...]:
     """ACDC's years: per century, those that tokenize as " XX" + "YY", minus the first and last."""
+    return _years(tokenizer or gpt2_tokenizer())
+
+
+@lru_cache(maxsize=4)
+def _years(tokenizer: Tokenizer) -> tuple[str, ...]:
+    year_ids = year_token_ids(tokenizer)
     kept = []
     for century in CENTURIES:
-        prefix = single_token(f" {century}", what="century")
+        prefix = tokenizer.single_token_or_none(f" {century}")
+        if prefix is None:
+            continue  # no year of this century splits as " XX" + "YY"
         ok = [
             str(year)
             for year in range(century * 100 + 2, century * 100 + 99)
-            if encode(f" {year}") == [prefix, year_token_ids()[year % 100]]
+            if tokenizer.word_ids(f" {year}") == [prefix, year_ids[year % 100]]
         ]
         kept += ok[1:-1]
+    if not kept:
+        raise _cannot_pose(tokenizer, f"splits no year of {CENTURIES[0]}00-{CENTURIES[-1]}99 so")
     return tuple(kept)
+
+
+def single_token_nouns(tokenizer: Tokenizer | None = None, *, minimum: int = MIN_NOUNS) -> tuple[str, ...]:
+    """ACDC's nouns that are one token of ``tokenizer`` mid-sentence (``" treaty"``); GPT-2 keeps all 120."""
+    tokenizer = tokenizer or gpt2_tokenizer()
+    kept = tuple(noun for noun in NOUNS if tokenizer.single_token_or_none(" " + noun) is not None)
+    if len(kept) < minimum:
+        dropped = [noun for noun in NOUNS if noun not in kept]
+        shown = "; ".join(f"' {noun}': {tokenizer.describe_word(' ' + noun)}" for noun in dropped[:4])
+        raise TaskError(
+            f"Greater-Than needs at least {minimum} nouns that are single tokens of the {tokenizer.describe()} "
+            f"mid-sentence, but only {len(kept)} of ACDC's {len(NOUNS)} are. For example {shown}"
+        )
+    return kept
 
 
 def torch_cpu_draws(seed: int, count: int) -> np.ndarray:
@@ -103,46 +164,74 @@ def torch_cpu_draws(seed: int, count: int) -> np.ndarray:
     return bits.random_raw(count).astype(np.int64)
 
 
-def greater_than_task(n_prompts: int = 100, *, seed: int = 54, split: str = "validation", template: str = "acdc") -> Task:
-    """The Greater-Than task; the defaults are ACDC's discovery set (see the module docstring)."""
+def greater_than_task(
+    n_prompts: int = 100,
+    *,
+    seed: int = 54,
+    split: str = "validation",
+    template: str = "acdc",
+    tokenizer: Tokenizer | None = None,
+) -> Task:
+    """The Greater-Than task; the defaults are ACDC's discovery set (see the module docstring).
+
+    ``tokenizer`` (default GPT-2's): nouns and years are drawn from those that are single tokens
+    (``single_token_nouns``, ``years``; all of ACDC's for GPT-2), prompts start with the
+    tokenizer's BOS when its model expects one, and a tokenizer that cannot split years as
+    " XX" + "YY" is a ``TaskError`` saying so. The canonical circuit (of GPT-2 small) is attached
+    only with GPT-2's vocabulary.
+    """
+    tokenizer = tokenizer or gpt2_tokenizer()
     if n_prompts < 1:
         raise TaskError(f"n_prompts must be positive, got {n_prompts}")
     if split not in ("validation", "test"):
         raise TaskError(f"split must be 'validation' or 'test', got {split!r}")
     if template not in TEMPLATES:
         raise TaskError(f"template must be one of {sorted(TEMPLATES)}, got {template!r}")
-    all_years, year_ids = years(), year_token_ids()
+    all_years, year_ids, nouns = years(tokenizer), year_token_ids(tokenizer), single_token_nouns(tokenizer)
     draws = torch_cpu_draws(seed, 4 * n_prompts)
-    noun_index = draws[: 2 * n_prompts] % len(NOUNS)
+    noun_index = draws[: 2 * n_prompts] % len(nouns)
     year_index = draws[2 * n_prompts :] % len(all_years)
     rows = range(n_prompts) if split == "validation" else range(n_prompts, 2 * n_prompts)
+    bos = len(tokenizer.bos_prefix)
 
     clean_rows, texts, yy = [], [], []
+    layout = None  # (length, noun position, YY position), the same for every prompt
     for i, row in enumerate(rows):
-        noun, year = NOUNS[noun_index[row]], all_years[year_index[row]]
+        noun, year = nouns[noun_index[row]], all_years[year_index[row]]
         text = TEMPLATES[template].format(noun=noun, year=year, century=year[:2])
-        ids = encode(text)
-        single_token(" " + noun, what=f"prompt {i}: noun")
-        century_id = single_token(" " + year[:2], what=f"prompt {i}: century")
-        length = len(clean_rows[0]) if clean_rows else len(ids)
-        if ids[YY_POSITION - 1 : YY_POSITION + 1] != [century_id, year_ids[int(year[2:])]] or len(ids) != length:
+        ids, offsets = tokenizer.encode_with_offsets(text)
+        ids = tokenizer.bos_prefix + ids
+        century_id = tokenizer.single_token(" " + year[:2], what=f"prompt {i}: century")
+        at_noun = bos + token_at(offsets, text.index(" " + noun) + 1)
+        at_yy = bos + token_at(offsets, text.index(year) + 2)
+        expected = layout or (len(ids), at_noun, at_yy)
+        if (
+            ids[at_noun] != tokenizer.single_token(" " + noun, what=f"prompt {i}: noun")
+            or ids[at_yy - 1 : at_yy + 1] != [century_id, year_ids[int(year[2:])]]
+            or ids[-1] != century_id
+            or (len(ids), at_noun, at_yy) != expected
+        ):
             raise TaskError(
-                f"prompt {i}: {text!r} tokenizes to {token_strings(ids)}; expected {length} tokens with "
-                f"' {year[:2]}' and '{year[2:]}' at positions {YY_POSITION - 1} and {YY_POSITION}"
+                f"prompt {i}: {text!r} tokenizes to {tokenizer.token_strings(ids)}; expected {expected[0]} tokens with "
+                f"' {noun}' at position {expected[1]}, ' {year[:2]}' and '{year[2:]}' at positions {expected[2] - 1} and "
+                f"{expected[2]}, and ' {year[:2]}' last"
             )
+        layout = expected
         clean_rows.append(ids)
         texts.append(text)
         yy.append(int(year[2:]))
 
+    _, at_noun, at_yy = layout
     clean = np.asarray(clean_rows, np.int32)
     corrupt = clean.copy()
-    corrupt[:, YY_POSITION] = year_ids[1]  # "01"
+    corrupt[:, at_yy] = year_ids[1]  # "01"
     batch, n_pos = clean.shape
     later = np.arange(100)[None, :] > np.asarray(yy)[:, None]  # [batch, 100]: year i > YY
-    answer_mask = np.zeros((batch, GPT2_VOCAB_SIZE), bool)
-    wrong_mask = np.zeros((batch, GPT2_VOCAB_SIZE), bool)
+    answer_mask = np.zeros((batch, tokenizer.vocab_size), bool)
+    wrong_mask = np.zeros((batch, tokenizer.vocab_size), bool)
     answer_mask[:, list(year_ids)] = later
     wrong_mask[:, list(year_ids)] = ~later
+    own = tokenizer.folder is not None
     return Task(
         name="greater-than",
         clean=clean,
@@ -152,16 +241,17 @@ def greater_than_task(n_prompts: int = 100, *, seed: int = 54, split: str = "val
         answer_mask=answer_mask,
         wrong_mask=wrong_mask,
         labels={
-            "NOUN": np.full(batch, 1, np.int32),
-            "XX1": np.full(batch, YY_POSITION - 1, np.int32),
-            "YY": np.full(batch, YY_POSITION, np.int32),
+            "NOUN": np.full(batch, at_noun, np.int32),
+            "XX1": np.full(batch, at_yy - 1, np.int32),
+            "YY": np.full(batch, at_yy, np.int32),
             "END": np.full(batch, n_pos - 1, np.int32),
         },
-        canonical=canonical_circuit(),
+        canonical=canonical_circuit() if tokenizer.is_gpt2 else None,
         ablation="corrupt",
-        model="gpt2",
+        model=tokenizer.model_name,
         discovery_metric="kl",
-        description=f"Greater-Than ({template} template), torch seed {seed}, {split} split; corrupted: YY -> 01",
+        description=f"Greater-Than ({template} template), torch seed {seed}, {split} split; corrupted: YY -> 01"
+        + (f"; {len(nouns)} nouns and {len(all_years)} years that are single tokens, {tokenizer.describe()}" if own else ""),
         prompts=tuple(texts),
     )
 

@@ -17,6 +17,13 @@ They are the default so that results compare with the paper. ``prompt_type="mixe
 ``IOIDataset`` builds it); prompts then differ in length, are right-padded with token 50256, and
 ``positions`` holds each prompt's END.
 
+**Other tokenizers** (``tokenizer=``, e.g. ``load_tokenizer(model_folder)``): the names are those of the
+99 that are one token of that tokenizer as they read mid-sentence (" Mary", SentencePiece's "▁Mary"),
+at least ``MIN_NAMES``; the draws and flips run over that list (for GPT-2 it is the whole list, so the
+prompts stay ACDC's). Prompts start with the tokenizer's BOS when its model expects one (Llama,
+Mistral), and the labels count it. The canonical circuit (GPT-2 small's heads) is attached only for
+GPT-2's vocabulary.
+
 Metric: ``logit_diff`` = logit(IO) - logit(S) at END. Labels: ``IO``, ``S1``, ``S1+1``, ``S2``,
 ``END``. ``pairs=True`` (ACDC's ``symmetric``): rows 2i and 2i+1 are one prompt with the IO and S
 names swapped, so their answers are swapped.
@@ -46,7 +53,7 @@ import numpy as np
 
 from ..graph import Graph
 from ._task import CanonicalCircuit, Task, TaskError
-from ._tokenizer import encode_pair, right_pad, single_token
+from ._tokenizer import Tokenizer, gpt2_tokenizer, right_pad
 
 # ------------------------------------------------------------------------------------------------
 # Data of the IOI paper (Wang et al. 2022), in the order of ACDC's acdc/ioi/ioi_dataset.py; the
@@ -169,14 +176,18 @@ def ioi_templates(prompt_type: str = "ABBA", n_templates: int | None = 1, seed: 
     return tuple(templates)
 
 
-def sample_prompts(n: int, templates: tuple[str, ...], seed: int = 0, pairs: bool = False) -> list[IOIPrompt]:
+def sample_prompts(
+    n: int, templates: tuple[str, ...], seed: int = 0, pairs: bool = False, names: tuple[str, ...] = NAMES
+) -> list[IOIPrompt]:
     """``n`` prompts drawn as ACDC's ``gen_prompt_uniform`` draws them (``pairs`` = its ``symmetric``)."""
+    if len(set(names)) < 3:
+        raise TaskError(f"IOI prompts need at least 3 distinct names, got {len(set(names))}")
     rng = random.Random(_prompt_seed(seed))
     prompts: list[IOIPrompt] = []
     while len(prompts) < n:
         template = rng.choice(templates)
         while True:  # three distinct names; the third is drawn but unused, as in ACDC
-            a, b, c = rng.choice(NAMES), rng.choice(NAMES), rng.choice(NAMES)
+            a, b, c = rng.choice(names), rng.choice(names), rng.choice(names)
             if len({a, b, c}) == 3:
                 break
         place, obj = rng.choice(PLACES), rng.choice(OBJECTS)
@@ -191,7 +202,7 @@ def _last_index(words: list[str], word: str) -> int:
     return len(words) - 1 - words[::-1].index(word)
 
 
-def abc_corruption(prompts: list[IOIPrompt], seed: int = 0) -> list[str]:
+def abc_corruption(prompts: list[IOIPrompt], seed: int = 0, names: tuple[str, ...] = NAMES) -> list[str]:
     """ACDC's ABC patch data: new IO name (both places), new S name (both), then a new S1.
 
     Word-level replacements with NumPy's legacy generator, as ACDC's ``gen_flipped_prompts``
@@ -202,23 +213,46 @@ def abc_corruption(prompts: list[IOIPrompt], seed: int = 0) -> list[str]:
     s = [p.s for p in prompts]
     rs = np.random.RandomState(_flip_seed(seed + 1))
     for i, w in enumerate(words):
-        new = NAMES[rs.randint(len(NAMES))]
+        new = names[rs.randint(len(names))]
         while new in (io[i], s[i]):
-            new = NAMES[rs.randint(len(NAMES))]
+            new = names[rs.randint(len(names))]
         w[w.index(io[i])] = new
         w[w.index(io[i])] = new
         io[i] = new
     rs = np.random.RandomState(_flip_seed(seed + 2))
     for i, w in enumerate(words):
-        new = NAMES[rs.randint(len(NAMES))]
+        new = names[rs.randint(len(names))]
         w[w.index(s[i])] = new
         w[_last_index(w, s[i])] = new
         s[i] = new
     rs = np.random.RandomState(_flip_seed(seed + 3))
     for i, w in enumerate(words):
-        new = NAMES[rs.randint(len(NAMES))]
+        new = names[rs.randint(len(names))]
         w[w.index(s[i])] = new
     return [" ".join(w) for w in words]
+
+
+MIN_NAMES = 10  # fewer single-token names leave too little variety: each prompt draws three, ABC three more
+
+
+def single_token_names(tokenizer: Tokenizer | None = None, *, minimum: int = MIN_NAMES) -> tuple[str, ...]:
+    """The IOI names that are one token of ``tokenizer`` mid-sentence (``" Mary"``), in ``NAMES`` order.
+
+    GPT-2 keeps all 99. Names that split, or that are the unknown token, are left out; fewer than
+    ``minimum`` left is a ``TaskError`` that shows how the others tokenize.
+    """
+    tokenizer = tokenizer or gpt2_tokenizer()
+    kept = tuple(name for name in NAMES if tokenizer.single_token_or_none(" " + name) is not None)
+    if len(kept) < minimum:
+        dropped = [name for name in NAMES if name not in kept]
+        shown = "; ".join(f"' {name}': {tokenizer.describe_word(' ' + name)}" for name in dropped[:4])
+        raise TaskError(
+            f"IOI needs at least {minimum} names that are single tokens of the {tokenizer.describe()} as they read "
+            f"mid-sentence (' Mary'), but only {len(kept)} of the IOI paper's {len(NAMES)} are"
+            f"{': ' + ', '.join(kept) if kept else ''}. For example {shown}. This tokenizer cannot pose IOI with "
+            "these names; bring a task of your own (a task JSON of token ids, acdc_jax/tasks/custom.py)"
+        )
+    return kept
 
 
 def ioi_task(
@@ -229,6 +263,7 @@ def ioi_task(
     n_templates: int | None = 1,
     split: str = "validation",
     pairs: bool = False,
+    tokenizer: Tokenizer | None = None,
 ) -> Task:
     """The IOI task; the defaults are ACDC's discovery set (see the module docstring).
 
@@ -236,7 +271,13 @@ def ioi_task(
     the second. ``seed`` is ACDC's ``IOIDataset`` seed; the ABC flips use ``seed + 1..3`` (ACDC
     uses 1, 2, 3 whatever the seed, so the two agree at its seed 0). ``pairs=True`` needs an even
     ``n_prompts``.
+
+    ``tokenizer`` (default GPT-2's): names are drawn from ``single_token_names(tokenizer)`` (all 99
+    for GPT-2, so its prompts are ACDC's); prompts start with the tokenizer's BOS when its model
+    expects one, and the labels count it. The canonical circuit (of GPT-2 small) is attached only
+    with GPT-2's vocabulary.
     """
+    tokenizer = tokenizer or gpt2_tokenizer()
     if n_prompts < 1:
         raise TaskError(f"n_prompts must be positive, got {n_prompts}")
     if split not in ("validation", "test"):
@@ -244,8 +285,9 @@ def ioi_task(
     if pairs and n_prompts % 2:
         raise TaskError(f"pairs=True puts each prompt next to its name-swapped twin; n_prompts must be even, got {n_prompts}")
     templates = ioi_templates(prompt_type, n_templates, seed)
-    drawn = sample_prompts(2 * n_prompts, templates, seed, pairs)
-    corrupted = abc_corruption(drawn, seed)
+    names = single_token_names(tokenizer)
+    drawn = sample_prompts(2 * n_prompts, templates, seed, pairs, names)
+    corrupted = abc_corruption(drawn, seed, names)
     rows = slice(0, n_prompts) if split == "validation" else slice(n_prompts, 2 * n_prompts)
     chosen, corrupted = drawn[rows], corrupted[rows]
 
@@ -257,15 +299,20 @@ def ioi_task(
         text, final = prompt.text.rsplit(" ", 1)
         if final != prompt.io:
             raise TaskError(f"prompt {i}: {prompt.text!r} does not end with its IO name {prompt.io!r}")
-        io_id = single_token(" " + prompt.io, what=f"prompt {i}: IO name")
-        s_id = single_token(" " + prompt.s, what=f"prompt {i}: subject name")
-        clean_ids, corrupt_ids = encode_pair(text, corrupt_text.rsplit(" ", 1)[0], row=i)
+        io_id = tokenizer.single_token(" " + prompt.io, what=f"prompt {i}: IO name")
+        s_id = tokenizer.single_token(" " + prompt.s, what=f"prompt {i}: subject name")
+        clean_ids, corrupt_ids = tokenizer.encode_pair(text, corrupt_text.rsplit(" ", 1)[0], row=i)
         io_at = [j for j, t in enumerate(clean_ids) if t == io_id]
         s_at = [j for j, t in enumerate(clean_ids) if t == s_id]
         if len(io_at) != 1 or len(s_at) != 2:
             raise TaskError(
                 f"prompt {i}: {text!r} should name the IO ({prompt.io!r}) once and the subject ({prompt.s!r}) twice "
-                f"as single tokens; found them at positions {io_at} and {s_at}"
+                f"as single tokens; found them at positions {io_at} and {s_at} in {tokenizer.token_strings(clean_ids)}"
+            )
+        if tokenizer.continuation(text, " " + prompt.io) != [io_id]:
+            raise TaskError(
+                f"prompt {i}: the answer ' {prompt.io}' does not continue {text!r} as the one token "
+                f"{tokenizer.shown([io_id])}: {tokenizer.shown(tokenizer.encode(prompt.text))}"
             )
         for key, value in (("IO", io_at[0]), ("S1", s_at[0]), ("S1+1", s_at[0] + 1), ("S2", s_at[1]), ("END", len(clean_ids) - 1)):
             labels[key].append(value)
@@ -277,22 +324,24 @@ def ioi_task(
 
     end = np.asarray(labels["END"], np.int32)
     order = "both orders" if prompt_type == "mixed" else prompt_type
+    own = tokenizer.folder is not None
     return Task(
         name="ioi",
-        clean=right_pad(clean_rows),
-        corrupt=right_pad(corrupt_rows),
+        clean=right_pad(clean_rows, tokenizer.pad_id),
+        corrupt=right_pad(corrupt_rows, tokenizer.pad_id),
         positions=end[:, None],
         metric="logit_diff",
         answers=np.asarray(answers, np.int32),
         wrong_answers=np.asarray(wrong, np.int32),
         labels={k: np.asarray(v, np.int32) for k, v in labels.items()},
-        canonical=canonical_circuit(),
+        canonical=canonical_circuit() if tokenizer.is_gpt2 else None,
         ablation="corrupt",
-        model="gpt2",
+        model=tokenizer.model_name,
         discovery_metric="kl",
         description=(
             f"IOI, {order} prompts from {len(templates)} template(s), seed {seed}, {split} split"
             f"{', name-swapped pairs' if pairs else ''}; corrupted: ACDC's ABC prompts"
+            + (f"; {len(names)} single-token names, {tokenizer.describe()}" if own else "")
         ),
         prompts=tuple(texts),
     )
