@@ -83,6 +83,15 @@ def make_ablation(
 # The gated run
 
 
+def graph_reads(graph: Graph, shared_rows: bool = False) -> str:
+    """How the gated forward reads a layer's inputs on this graph (``gated_forward``'s ``reads``):
+    node gates read one residual per layer (every row of a node graph is the same); edge gates
+    whose rows are shared (``shares_rows``) broadcast one read; other edge gates read densely."""
+    if graph.level == "node":
+        return "single"
+    return "shared" if shared_rows else "dense"
+
+
 class GatedRun(eqx.Module):
     """Clean tokens, an ablation and a graph: ``run(gates)`` gives the gated logits.
 
@@ -123,12 +132,14 @@ class GatedRun(eqx.Module):
     # pure functions (call these inside your own jit/grad/vmap)
 
     def logits(self, gates: Float[Array, "*gate_pos n_gates"]) -> Float[Array, "batch k d_vocab_out"]:
-        return gated_forward(self.model, self.graph.dense(gates), self.ablation, self.tokens, positions=self.positions)
+        return gated_forward(self.model, self.graph.dense(gates), self.ablation, self.tokens, positions=self.positions,
+                             reads=graph_reads(self.graph))
 
     def logits_from(self, start_layer, deltas: Array, gates: Array) -> Float[Array, "batch k d_vocab_out"]:
         """Gated logits running only layers ``start_layer..`` on top of cached differences."""
         return gated_forward(
-            self.model, self.graph.dense(gates), self.ablation, positions=self.positions, start_layer=start_layer, deltas=deltas
+            self.model, self.graph.dense(gates), self.ablation, positions=self.positions, start_layer=start_layer, deltas=deltas,
+            reads=graph_reads(self.graph),
         )
 
     def clean_logits(self) -> Float[Array, "batch k d_vocab_out"]:

@@ -134,6 +134,8 @@ def test_shared_row_read_gives_the_dense_reads_gradients():
     refuses points where they are not. (EAP's float64 finite-difference test above runs the shared
     path on the LayerNorm model.)"""
     from acdc_jax.methods._gradients import shares_rows
+    from acdc_jax.models import gated_forward
+    from acdc_jax.patching import graph_reads
 
     cfg = aj.TransformerConfig(n_layers=2, n_heads=4, n_kv_heads=2, d_model=16, d_head=4, d_mlp=24, d_vocab=29, n_ctx=9,
                                normalization="rms", positional="rotary", gated_mlp=True, act_fn="silu", parallel=True,
@@ -141,24 +143,39 @@ def test_shared_row_read_gives_the_dense_reads_gradients():
     with jax.enable_x64(True):
         model = _random_model(cfg, 2, 0.3)
         task = _toy_task(model, "logit_diff", seed=3)
-        for options in (dict(qkv_split=True), dict(level="node")):
-            problem = Problem.build(model, task, metric="logit_diff", ablation="corrupt", **options)
-            graph = problem.graph
-            ones = graph.gates(1.0, jnp.float64)
-            points = jnp.stack([ones, 0.5 * ones])
-            assert shares_rows(graph, points)
-            grads = []
-            for flag in (False, True):
-                aux = {"gates": points, "shared_rows": flag}
-                grads.append(np.asarray(pullback(problem, gate_point_logits, n_points=2, weights=jnp.ones(2), aux=aux,
-                                                 shared=jnp.zeros_like(points))[1]))
-            np.testing.assert_allclose(grads[1], grads[0], rtol=1e-12, atol=1e-14 * np.abs(grads[0]).max())
-            assert np.abs(grads[0]).max() > 1e-2
+        problem = Problem.build(model, task, metric="logit_diff", ablation="corrupt")
+        graph = problem.graph
+        ones = graph.gates(1.0, jnp.float64)
+        points = jnp.stack([ones, 0.5 * ones])
+        assert shares_rows(graph, points)
+        grads = []
+        for flag in (False, True):
+            aux = {"gates": points, "shared_rows": flag}
+            grads.append(np.asarray(pullback(problem, gate_point_logits, n_points=2, weights=jnp.ones(2), aux=aux,
+                                             shared=jnp.zeros_like(points))[1]))
+        np.testing.assert_allclose(grads[1], grads[0], rtol=1e-12, atol=1e-14 * np.abs(grads[0]).max())
+        assert np.abs(grads[0]).max() > 1e-2
         # some inputs of a layer lose an edge the others keep: the rows differ, the dense read is used
-        edges = Problem.build(model, task, metric="logit_diff").graph
-        some = np.ones(edges.n_gates)
-        some[edges.index("embed->a0.0.q")] = 0.0
-        assert shares_rows(edges, np.ones(edges.n_gates)) and not shares_rows(edges, some)
+        some = np.ones(graph.n_gates)
+        some[graph.index("embed->a0.0.q")] = 0.0
+        assert not shares_rows(graph, some)
+
+        # node gates, any values: every row of a layer is the same, and reading one residual per layer
+        # (one LayerNorm, wide projections) gives the dense read's logits and node-gate gradients
+        nodes = Problem.build(model, task, metric="logit_diff", ablation="corrupt", level="node")
+        run = nodes.run
+        gates = jnp.asarray(np.random.RandomState(4).uniform(size=(nodes.graph.n_gates,)))
+        assert shares_rows(nodes.graph, gates) and graph_reads(nodes.graph) == "single"
+
+        def loss(g, reads):
+            logits = gated_forward(run.model, nodes.graph.dense(g), run.ablation, run.tokens, positions=run.positions,
+                                   reads=reads)
+            return (logits ** 2).sum(), logits
+
+        (_, dense), g_dense = jax.value_and_grad(loss, has_aux=True)(gates, "dense")
+        (_, single), g_single = jax.value_and_grad(loss, has_aux=True)(gates, "single")
+        np.testing.assert_allclose(single, dense, rtol=1e-12, atol=1e-12 * np.abs(dense).max())
+        np.testing.assert_allclose(g_single, g_dense, rtol=1e-11, atol=1e-12 * np.abs(g_dense).max())
 
 
 def test_eap_is_exact_where_the_model_is_linear_in_the_gates():
@@ -282,7 +299,8 @@ def test_changing_gate_values_does_not_retrace(monkeypatch):
         counted = chex.assert_max_traces(gate_point_logits, n=1)
         for value in (1.0, 0.5, 0.0):
             gates = problem.graph.gates(value, jnp.float64)[None]
-            pullback(problem, counted, n_points=1, weights=jnp.ones(1), aux={"gates": gates}, shared=jnp.zeros_like(gates))
+            aux = {"gates": gates, "shared_rows": True}  # uniform gates: every input of a layer reads the same row
+            pullback(problem, counted, n_points=1, weights=jnp.ones(1), aux=aux, shared=jnp.zeros_like(gates))
         # EAP at either end and one-step EAP-IG reuse that compilation
         monkeypatch.setattr(aj.methods.eap, "gate_point_logits", counted)
         eap(problem)

@@ -35,7 +35,7 @@ from jaxtyping import Array
 
 from ..graph import Graph
 from ..models import Probes, gated_forward, rows_shared
-from ..patching import GatedRun, source_values, auto_chunk_size, bytes_per_configuration, chunked_vmap, device_memory_bytes
+from ..patching import GatedRun, graph_reads, source_values, auto_chunk_size, bytes_per_configuration, chunked_vmap, device_memory_bytes
 from ._circuit import Circuit
 from ._problem import Problem
 
@@ -51,7 +51,8 @@ def run_probed(run: GatedRun, gates: Array, *, ghost: Array | None = None, share
     graph = run.graph
     probes = Probes(ghost=None if ghost is None else graph.dense(ghost), **extras)
     return gated_forward(run.model, graph.dense(gates), run.ablation, run.tokens, positions=run.positions, probes=probes,
-                         shared_rows=shared_rows)
+                         reads=graph_reads(graph, shared_rows))
+
 
 
 def shares_rows(graph: Graph, *gate_vectors) -> bool:

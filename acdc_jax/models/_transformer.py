@@ -593,7 +593,7 @@ def gated_forward(
     deltas: Float[Array, "n_sources batch pos d_model"] | None = None,
     return_deltas: bool = False,
     probes: Probes | None = None,
-    shared_rows: bool = False,
+    reads: str = "dense",
 ):
     """The forward pass in which every destination input is a gate-weighted interpolation.
 
@@ -612,10 +612,17 @@ def gated_forward(
     traced ``start_layer`` the loop is a ``while_loop`` (one compilation for every start layer,
     not reverse-differentiable); with a Python int it is a scan.
 
-    ``shared_rows=True`` promises that every input of a layer reads the same gate row (and ghost
-    row), as at all gates 1 of a graph whose inputs see every earlier source: each layer then reads
-    one residual (``shared_rows_read``), the plain model's cost, while the gradient with respect to
-    every gate stays the dense read's. The gradient methods set it when ``rows_shared`` holds.
+    ``reads`` says how each layer's attention inputs are read:
+
+    - ``"dense"``: every input reads its own gate row (any gates);
+    - ``"shared"``: a promise that every input of a layer reads the same gate row (and ghost row),
+      as at all gates 1 of a graph whose inputs see every earlier source: the layer reads one
+      residual and broadcasts it (``shared_rows_read``), while the gradient with respect to every
+      row stays the dense read's (edge-level gradient methods at gates 1; ``rows_shared`` checks);
+    - ``"single"``: the same promise, and only the rows' sum matters to the caller (node gates, or
+      no gradient at all): the layer reads one residual and its heads read it as the plain model
+      does (one LayerNorm, one wide projection per q/k/v); the gradient with respect to the rows
+      lands on the first row.
 
     Returns the logits ``[batch, pos_or_k, d_vocab_out]``; with ``return_deltas`` also the final
     difference buffer, from which ``deltas[s] + ablation.values[s]`` is source s's output in this run.
@@ -645,8 +652,11 @@ def gated_forward(
     probes = probes or Probes()
     ghost = None if probes.ghost is None else jax.tree.map(lambda g: g.astype(deltas.dtype), probes.ghost)
 
+    if reads not in ("dense", "shared", "single"):
+        raise ValueError(f"reads must be 'dense', 'shared' or 'single', got {reads!r}")
+
     def gated_read(spec, layer_gates, ghost_gates, buffer, visible):
-        if shared_rows and spec == read:
+        if reads == "shared" and spec == read:
             def one(g, b):
                 return shared_rows_read(g, b, precision)
         else:
@@ -661,13 +671,18 @@ def gated_forward(
         # Layers of this segment read only the first `visible` sources: the rest are not computed yet.
         block = _block_at(model, layer)
         first = 1 + layer * (H + M)
-        inputs = _lead(ablation.base_attn[layer], 4) + gated_read(
-            read, gates.attn[layer], None if ghost is None else ghost.attn[layer], deltas, visible)
-        if inputs.shape[0] == 3 * H:
-            qkv = inputs.reshape((H, 3) + inputs.shape[1:])
-            q_in, k_in, v_in = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        if reads == "single":  # one residual for every input: the first row (all rows are equal)
+            q_in = k_in = v_in = ablation.base_attn[layer] + gated_read(
+                read_one, gates.attn[layer][..., 0, :], None if ghost is None else ghost.attn[layer][..., 0, :],
+                deltas, visible)
         else:
-            q_in = k_in = v_in = inputs
+            inputs = _lead(ablation.base_attn[layer], 4) + gated_read(
+                read, gates.attn[layer], None if ghost is None else ghost.attn[layer], deltas, visible)
+            if inputs.shape[0] == 3 * H:
+                qkv = inputs.reshape((H, 3) + inputs.shape[1:])
+                q_in, k_in, v_in = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+            else:
+                q_in = k_in = v_in = inputs
         offset = None if probes.pattern_offset is None else probes.pattern_offset[layer]
         z = _attention(cfg, block, layer, q_in, k_in, v_in, precision, offset, rot)
         results = _dropped(jnp.einsum("hbqe,hed->hbqd", z, block.attn.W_O, precision=precision), layer, probes.drop_layer)
