@@ -1,7 +1,13 @@
-"""ACDC wall time, batched (speculative prefix batching, clean-prefix resume) vs. the plain
-one-edge-at-a-time loop, on a GPT-2-width model with random weights and IOI-shaped batches.
+"""ACDC wall time (the search on the device, evaluations from the destination's layer on cached
+clean differences) vs. the plain one-edge-at-a-time loop, on a GPT-2-width model with random
+weights and IOI-shaped batches.
 
-    python -m benchmarks.acdc_speed [--layers 2] [--prompts 20] [--pos 16] [--plain]
+    python -m benchmarks.acdc_speed [--layers 2] [--prompts 20] [--pos 16] [--plain] [--max-batch K]
+
+Beside the time: the work done, in gated forwards' worth of layers (a run from layer l costs
+(L + 1 - l) / (L + 1) of one), the floor of that work (one evaluation per tested edge), and the
+time of one full gated forward on the same batch, so that ``acdc_s / (floor x forward_s)`` says
+how far the run is from its arithmetic floor.
 
 The plain loop is ACDC written directly: for every edge in ACDC's order, one full forward pass of
 the current gating (compiled once). Both must return the identical circuit; the script checks it.
@@ -59,7 +65,7 @@ def main(argv=None):
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--pos", type=int, default=16)
     parser.add_argument("--fraction", type=float, default=0.01, help="threshold as a fraction of KL(fully ablated)")
-    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=None, help="configurations per step (default: the library's)")
     parser.add_argument("--plain", action="store_true", help="also time the plain loop (slow)")
     args = parser.parse_args(argv)
 
@@ -81,9 +87,20 @@ def main(argv=None):
         "batched_s": warm_s,
         "batched_first_call_s": cold_s,
         "configs_evaluated": warm.extra["evaluations"],
-        "batches": warm.extra["batches"],
+        "steps": warm.extra["batches"],
+        "forward_equivalents": warm.extra["forward_equivalents"],
+        "floor_forward_equivalents": warm.extra["floor_forward_equivalents"],
         "peak_rss_bytes": peak_memory_bytes(),
     }
+    full = eqx.filter_jit(Problem.loss)
+    ones = problem.graph.gates(1.0, model.dtype)
+    full(problem, ones).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(5):
+        full(problem, ones).block_until_ready()
+    forward_s = (time.perf_counter() - start) / 5
+    results |= {"gated_forward_s": forward_s,
+                "over_floor": round(warm_s / (results["floor_forward_equivalents"] * forward_s), 2)}
     if args.plain:
         plain_acdc(problem, threshold)  # compile
         start = time.perf_counter()
@@ -92,7 +109,7 @@ def main(argv=None):
         results |= {"plain_s": plain_s, "plain_evaluations": evaluations, "speedup": plain_s / warm_s,
                     "identical_circuit": kept == set(warm.kept)}
     settings = {"model": cfg.name, "prompts": args.prompts, "pos": args.pos, "threshold": f"{threshold:.3g}",
-                "max_batch": args.max_batch, "graph": "q/k/v-split"}
+                "max_batch": args.max_batch or "default", "graph": "q/k/v-split"}
     entry = record("acdc_speed", settings, results)
     for k, v in entry["results"].items():
         print(f"{k:>22}: {v}")

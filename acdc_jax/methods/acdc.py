@@ -25,15 +25,22 @@ one by one here, where the original may skip them. The circuits then agree whene
 would have been removed; to reproduce the original exactly, build the problem with
 ``internal_edges=True``.
 
-**Speculative prefix batching.** For the next k undecided edges e1..ek of one destination, one
-vmapped call evaluates the current gating and the cumulative removals {e1}, {e1,e2}, ...; walking
-that batch reproduces the sequential decisions until the first kept edge, after which the next
-batch starts. Every batch's evaluations start at the destination's layer on cached clean
-differences: layers below it still have their starting gates (all 1, so their sources are clean;
-or, with ``nodes``, the out-of-scope edges at 0, and then the cache comes from that gated run). Batch sizes
-come from a few compiled buckets and adapt (they grow while edges are removed and shrink after a
-keep); decisions do not depend on them. Checkpoints are written at batch boundaries, with the
-adaptive state, so a resumed run replays exactly the batches of an uninterrupted one.
+**The search runs on the device.** The visit order becomes arrays (``_Plan``) and a jitted
+``while_loop`` (``_search``) takes the steps: at a group's start it checks on the device whether the
+destination's node still feeds anything, and otherwise evaluates the next ``width`` undecided edges
+as cumulative removals {e1}, {e1,e2}, ... in one vmapped call, walks them as ACDC decides them one
+by one, and stops the step at the first kept edge (the rows after it are discarded). The loss
+before a removal is carried from the last decision, as ACDC's ``cur_metric`` is, and recomputed
+only when the start layer changes. Every evaluation starts at the destination's layer on cached
+clean differences: layers below it still have their starting gates (all 1, so their sources are
+clean; or, with ``nodes``, the out-of-scope edges at 0, and then the cache comes from that gated
+run). The host calls the loop for a growing number of steps at a time (doubling while a call takes
+under half a second, or under a quarter of ``checkpoint_every``) and between calls reports
+progress and writes checkpoints, so a step costs no host round trip and a resumed run makes the
+same decisions. ``width`` (``max_batch``, at most ``chunk_size``) trades evaluations for steps: 1
+evaluates each edge exactly once (the cheapest on a CPU, where configurations cost in sequence),
+more fills an accelerator whose batch of configurations costs about what one does. Decisions do
+not depend on it.
 """
 
 from __future__ import annotations
@@ -48,11 +55,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from ..graph import Graph
 from ..metrics import Metric, get_metric
@@ -61,10 +70,7 @@ from ..patching import auto_chunk_size
 from ._circuit import Circuit
 from ._problem import Problem
 
-CHECKPOINT_VERSION = 1
-# Configurations evaluated per vmapped call: the granularity of speculation. A handful of gate
-# configurations over a whole prompt batch already fills an accelerator.
-DEFAULT_CHUNK = 8
+CHECKPOINT_VERSION = 2
 
 
 class CheckpointMismatch(ValueError):
@@ -165,33 +171,138 @@ def _source_layer(graph: Graph, source: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+class _Plan(NamedTuple):
+    """The visit order as arrays, for the search on the device (``G`` groups, ``U`` slots each).
+
+    ``units[g, :length[g]]`` are group g's in-scope gate indices in visit order (edges outside the
+    search scope are never tested), ``layers`` their start layers (padding: a large number),
+    ``outgoing[g]`` the residual edges out of the group's consumer (padding: ``n_gates``, which
+    reads as 0), ``has_consumer[g]`` whether the group needs its consumer connected at all, and
+    ``via[g]`` the internal edge that must still be kept (-1: none)."""
+
+    units: jax.Array
+    layers: jax.Array
+    length: jax.Array
+    outgoing: jax.Array
+    has_consumer: jax.Array
+    via: jax.Array
+
+
+class _Carry(NamedTuple):
+    """The search state between steps: where it is, the gates, the scores, the current loss and
+    the layer it was computed from, and counters."""
+
+    group: jax.Array
+    position: jax.Array
+    gates: jax.Array
+    scores: jax.Array
+    loss: jax.Array
+    loss_layer: jax.Array
+    steps: jax.Array
+    evaluations: jax.Array
+    work: jax.Array  # gated forwards' worth of layers run (a run from layer l costs (L + 1 - l) / (L + 1))
+    needed: jax.Array  # the same for one evaluation per tested edge: the floor of the work
+
+
+_NO_LAYER = 1 << 30
+
+
+def _plan(graph: Graph, groups: list[_Group], out_of_scope: np.ndarray) -> _Plan:
+    n = graph.n_gates
+    outgoing = _outgoing_edges(graph)
+    width = max([1] + [int((~out_of_scope[g.units]).sum()) for g in groups])
+    fan_out = max([1] + [len(outgoing[g.consumer]) for g in groups if g.consumer >= 0])
+    units = np.zeros((len(groups), width), np.int32)
+    layers = np.full((len(groups), width), _NO_LAYER, np.int32)
+    length = np.zeros(len(groups), np.int32)
+    out = np.full((len(groups), fan_out), n, np.int32)
+    for i, group in enumerate(groups):
+        scope = ~out_of_scope[group.units]
+        k = int(scope.sum())
+        units[i, :k], layers[i, :k], length[i] = group.units[scope], group.layers[scope], k
+        if group.consumer >= 0:
+            edges = outgoing[group.consumer]
+            out[i, : len(edges)] = edges
+    has_consumer = np.array([g.consumer >= 0 for g in groups])
+    via = np.array([g.via for g in groups], np.int32)
+    return _Plan(*(jnp.asarray(a) for a in (units, layers, length, out, has_consumer, via)))
+
+
 @eqx.filter_jit
-def _candidate_losses(problem: Problem, start_layer, deltas, gates, unit_ids, n_valid, chunk: int):
-    """Loss of the current gating (row 0) and of the cumulative removals of ``unit_ids[:j]`` (row j).
+def _search(problem: Problem, deltas, plan: _Plan, carry: _Carry, threshold, max_steps, abs_value: bool, width: int):
+    """Up to ``max_steps`` steps of ACDC's search, on the device (a ``while_loop``; no host round trip).
 
-    ``unit_ids`` has a fixed length (the largest speculation) so this compiles once; only the rows
-    up to ``n_valid`` are evaluated, ``chunk`` configurations at a time in a loop with a dynamic
-    trip count. Rows past ``n_valid`` come back as NaN.
+    A step either settles a group whose consumer feeds nothing any more (all its edges ablated
+    without evaluation, score 0, as ACDC does), or evaluates the next ``width`` undecided edges of
+    the current group as cumulative removals (row r removes the next r + 1 edges) in one vmapped
+    call, from the group's layer on the cached differences. The removals are then walked as
+    ACDC decides them one at a time: each result is the loss after the removal minus the loss
+    before it (the current loss, carried), the edge stays ablated when the result is below the
+    threshold, and the first kept edge ends the step; rows after it are discarded. The current
+    loss is recomputed when the start layer changes, so that an edge that changes nothing has a
+    result of exactly 0.
     """
-    size = unit_ids.shape[0]
-    n_rows = n_valid + 1
-    cols = jnp.arange(size)
+    n_gates = carry.gates.shape[0]
+    n_groups, n_slots = plan.units.shape
+    cols = jnp.arange(width)
+    n_layers = problem.model.config.n_layers
 
-    def losses_of(rows):
-        keep = jnp.where((cols[None, :] < rows[:, None]) & (cols[None, :] < n_valid), 0.0, 1.0).astype(gates.dtype)
-        candidates = jnp.broadcast_to(gates, (rows.shape[0],) + gates.shape)
-        index = (jnp.broadcast_to(jnp.arange(rows.shape[0])[:, None], keep.shape), jnp.broadcast_to(unit_ids[None, :], keep.shape))
-        candidates = candidates.at[index].multiply(keep)
-        return jax.vmap(lambda g: problem.loss_from(start_layer, deltas, g))(candidates)
+    def losses_of(start, rows):
+        return jax.vmap(lambda gates: problem.loss_from(start, deltas, gates))(rows).astype(carry.loss.dtype)
 
-    def body(i, out):
-        rows = jnp.minimum(i * chunk + jnp.arange(chunk), size)
-        return out.at[rows].set(losses_of(rows))
+    def connected(c):
+        g = c.group
+        feeds = jnp.any(jnp.concatenate([c.gates, jnp.zeros(1, c.gates.dtype)])[plan.outgoing[g]] > 0)
+        via = plan.via[g]
+        via_kept = (via < 0) | (c.gates[jnp.maximum(via, 0)] > 0)
+        return ~plan.has_consumer[g] | (feeds & via_kept)
 
-    out = jnp.full((size + 1,), jnp.nan, jnp.result_type(deltas.dtype, jnp.float32))  # metrics are >= float32
-    n_chunks = (n_rows + chunk - 1) // chunk
-    out = jax.lax.fori_loop(0, n_chunks, body, out)
-    return jnp.where(jnp.arange(size + 1) < n_rows, out, jnp.nan)
+    def settle(c):
+        index = jnp.where(jnp.arange(n_slots) < plan.length[c.group], plan.units[c.group], n_gates)
+        return c._replace(gates=c.gates.at[index].set(0.0, mode="drop"), scores=c.scores.at[index].set(0.0, mode="drop"),
+                          group=c.group + 1, position=jnp.int32(0), steps=c.steps + 1)
+
+    def evaluate(c):
+        g, length = c.group, plan.length[c.group]
+        slot = c.position + cols
+        valid = slot < length
+        slot = jnp.minimum(slot, n_slots - 1)
+        units = plan.units[g, slot]
+        start = jnp.min(jnp.where(valid, plan.layers[g, slot], _NO_LAYER))
+        cost = (n_layers + 1 - start).astype(jnp.float32) / (n_layers + 1)
+        fresh = start != c.loss_layer
+        # the same vmapped program as the candidates, so that equal gates give equal losses to the bit
+        before = lax.cond(fresh, lambda: losses_of(start, jnp.broadcast_to(c.gates, (width, n_gates)))[0], lambda: c.loss)
+        removed = (cols[None, :] <= cols[:, None]) & valid[None, :]  # row r: the first r + 1 edges
+        rows = jnp.broadcast_to(c.gates, (width, n_gates)).at[cols[:, None], jnp.where(removed, units[None, :], n_gates)]
+        losses = losses_of(start, rows.set(0.0, mode="drop"))
+        result = losses - jnp.concatenate([before[None], losses[:-1]])
+        kept = valid & ~((jnp.abs(result) if abs_value else result) < threshold)  # NaN: kept
+        first = jnp.where(kept.any(), jnp.argmax(kept), width)
+        n_valid = valid.sum()
+        pruned = (cols < first) & valid
+        decided = (cols <= first) & valid
+        last = jnp.where(kept.any(), first, n_valid) - 1  # the last removal that stays
+        position = c.position + jnp.where(kept.any(), first + 1, n_valid)
+        done = position >= length
+        return c._replace(
+            gates=c.gates.at[jnp.where(pruned, units, n_gates)].set(0.0, mode="drop"),
+            scores=c.scores.at[jnp.where(decided, units, n_gates)].set(result.astype(c.scores.dtype), mode="drop"),
+            loss=jnp.where(last >= 0, losses[jnp.maximum(last, 0)], before),
+            loss_layer=start,
+            group=jnp.where(done, g + 1, g),
+            position=jnp.where(done, 0, position).astype(jnp.int32),
+            steps=c.steps + 1,
+            evaluations=c.evaluations + width + fresh.astype(jnp.int32),
+            work=c.work + (width + fresh.astype(jnp.float32)) * cost,
+            needed=c.needed + decided.sum().astype(jnp.float32) * cost,
+        )
+
+    def step(c):
+        at_start = c.position == 0
+        return lax.cond(at_start & (~connected(c) | (plan.length[c.group] == 0)), settle, evaluate, c)
+
+    return lax.while_loop(lambda c: (c.group < n_groups) & (c.steps < max_steps), step, carry)
 
 
 def _fingerprint(problem: Problem, settings: dict) -> str:
@@ -262,7 +373,7 @@ def acdc(
     threshold: float,
     metric: str | Metric | None = None,
     abs_value: bool = False,
-    max_batch: int = 64,
+    max_batch: int | None = None,
     chunk_size: int | None = None,
     nodes: set[str] | None = None,
     checkpoint: str | os.PathLike | None = None,
@@ -276,9 +387,9 @@ def acdc(
     - ``threshold``: tau >= 0; an edge is pruned when ablating it changes the loss by less.
     - ``metric``: the pruning metric (default: the problem's); it is used lower-is-better.
     - ``abs_value``: compare ``|result|`` with tau (ACDC's ``abs_value_threshold``).
-    - ``max_batch``: largest speculative batch; ``chunk_size``: the most gate configurations per
-      vmapped call (default: 8, or fewer if that does not fit in memory); calls use the smallest
-      power of two that covers the current speculation.
+    - ``max_batch``: configurations per step (the speculative cumulative removals, see the module
+      docstring; default 1 on a CPU, 16 on an accelerator); ``chunk_size``: at most this many (default:
+      what fits in memory).
     - ``nodes``: restrict the search to edges between these nodes (``embed`` and ``logits`` are
       always included); other edges are ablated up front without evaluation (score NaN). Use the
       kept nodes of a node-level run to prune the search space.
@@ -292,6 +403,8 @@ def acdc(
     """
     if not np.isfinite(threshold) or threshold < 0:
         raise ValueError(f"threshold must be a number >= 0, got {threshold}")
+    if max_batch is None:
+        max_batch = 1 if jax.default_backend() == "cpu" else 16
     if metric is not None:
         problem = problem.with_metric(_resolve(problem, metric))
     started = time.perf_counter()
@@ -324,7 +437,7 @@ def acdc(
     }
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    state = {"group": 0, "position": 0, "cap": min(2, max_batch), "evaluations": 0, "batches": 0}
+    state = {"group": 0, "position": 0, "evaluations": 0, "batches": 0}
     starting_gates = gates.copy()  # the cache below follows these, also on resume (same floats as an uninterrupted run)
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(problem, settings) if ckpt_path is not None else ""
@@ -342,10 +455,17 @@ def acdc(
 
     deltas = _starting_deltas(problem, starting_gates)
     if chunk_size is None:
-        chunk_size = min(DEFAULT_CHUNK, auto_chunk_size(problem.run, max_batch + 1))
-    outgoing = _outgoing_edges(graph)
+        chunk_size = auto_chunk_size(problem.run, max_batch)
+    width = int(max(1, min(max_batch, chunk_size)))
+    plan = _plan(graph, groups, out_of_scope)
+    n_groups = len(groups)
+    if "loss" not in state:  # a fresh run: the loss of the starting gates, computed at the first group's layer
+        state |= {"loss": float("nan"), "loss_layer": -1}
     last_save = time.perf_counter()
-    cur_loss = float("nan")
+    cur_loss = state["loss"]
+    steps_per_call = 1
+    # with a checkpoint every few seconds, a call should last a fraction of that; progress wants a few calls too
+    target_seconds = min(0.5, checkpoint_every / 4) if ckpt_path is not None else 0.5
 
     def report(done: int):
         if progress is not None:
@@ -367,52 +487,32 @@ def acdc(
             "finished": final,
         })
 
-    while state["group"] < len(groups):
-        group = groups[state["group"]]
-        units = group.units
-        if state["position"] == 0 and not _connected(group, gates, outgoing):
-            gates[units] = 0.0
-            scores[units[~out_of_scope[units]]] = 0.0
-        else:
-            pos = state["position"]
-            while True:
-                in_scope = [p for p in range(pos, len(units)) if not out_of_scope[units[p]]]
-                if not in_scope:
-                    break
-                take = np.asarray(in_scope[: state["cap"]])
-                ids = np.full(max_batch, units[take[0]], np.int32)
-                ids[: len(take)] = units[take]
-                start_layer = int(group.layers[take].min())
-                chunk = _chunk_for(len(take) + 1, chunk_size)
-                losses = np.asarray(_candidate_losses(
-                    problem, jnp.int32(start_layer), deltas, jnp.asarray(gates), jnp.asarray(ids),
-                    jnp.int32(len(take)), chunk,
-                ), np.float64)
-                state["evaluations"] += -(-(len(take) + 1) // chunk) * chunk
-                state["batches"] += 1
-                kept_at = None
-                for j, p in enumerate(take, start=1):
-                    unit = units[p]
-                    result = losses[j] - losses[j - 1]
-                    scores[unit] = result
-                    pos = int(p) + 1
-                    if (abs(result) if abs_value else result) < threshold:
-                        gates[unit] = 0.0
-                        cur_loss = losses[j]
-                    else:
-                        cur_loss = losses[j - 1]
-                        kept_at = j
-                        break
-                # grow the speculation while everything is pruned; after a keep, shrink to about where it happened
-                state["cap"] = min(max_batch, 2 * state["cap"]) if kept_at is None else max(1, 1 << (kept_at - 1).bit_length())
-                state["position"] = pos
-                report(_count_done(groups, state["group"], pos))
-                if time.perf_counter() - last_save >= checkpoint_every:
-                    save()
-                    last_save = time.perf_counter()
-        state["group"] += 1
-        state["position"] = 0
-        report(_count_done(groups, state["group"], 0))
+    while state["group"] < n_groups:
+        carry = _Carry(
+            group=jnp.int32(state["group"]), position=jnp.int32(state["position"]), gates=jnp.asarray(gates),
+            scores=jnp.asarray(scores, jnp.float32), loss=jnp.float32(state["loss"]),
+            loss_layer=jnp.int32(state["loss_layer"]), steps=jnp.int32(0), evaluations=jnp.int32(0),
+            work=jnp.float32(0), needed=jnp.float32(0),
+        )
+        called = time.perf_counter()
+        carry = _search(problem, deltas, plan, carry, jnp.float32(threshold), jnp.int32(steps_per_call), bool(abs_value), width)
+        carry = jax.device_get(carry)
+        seconds = time.perf_counter() - called
+        gates = np.array(carry.gates, np.float32)
+        scores = np.array(carry.scores, np.float64)  # computed in float32 on the device; NaN: not tested
+        state |= {"group": int(carry.group), "position": int(carry.position), "loss": float(carry.loss),
+                  "loss_layer": int(carry.loss_layer)}
+        state["evaluations"] += int(carry.evaluations)
+        state["batches"] += int(carry.steps)
+        state["work"] = state.get("work", 0.0) + float(carry.work)
+        state["needed"] = state.get("needed", 0.0) + float(carry.needed)
+        cur_loss = state["loss"]
+        report(_count_done(groups, state["group"], state["position"]))
+        if time.perf_counter() - last_save >= checkpoint_every:
+            save()
+            last_save = time.perf_counter()
+        if seconds < target_seconds:
+            steps_per_call *= 2
 
     save(final=True)
     kept = tuple(graph.gate_names[i] for i in np.flatnonzero(gates > 0))
@@ -426,7 +526,8 @@ def acdc(
         metric_value=problem.evaluate(final_gates),
         seconds=elapsed_before + time.perf_counter() - started,
         settings=settings,
-        extra={"evaluations": state["evaluations"], "batches": state["batches"]},
+        extra={"evaluations": state["evaluations"], "batches": state["batches"],
+               "forward_equivalents": round(state.get("work", 0.0), 3), "floor_forward_equivalents": round(state.get("needed", 0.0), 3)},
     )
     if prepass is not None:
         circuit.extra["node_prepass"] = {"threshold": node_prepass, "kept": list(prepass.kept), "seconds": prepass.seconds}
@@ -448,16 +549,6 @@ def _starting_deltas(problem: Problem, gates: np.ndarray):
         run.model, run.graph.dense(jnp.asarray(gates)), run.ablation, run.tokens, positions=run.positions, return_deltas=True
     )
     return deltas
-
-
-def _chunk_for(rows: int, largest: int) -> int:
-    """Configurations per vmapped call: the power of two (>= 2) that covers ``rows``, at most
-    ``largest``. A shallow speculation (many keeps) then costs a small call, a deep one a few large
-    calls, with at most log2(largest) compiled variants."""
-    chunk = 2
-    while chunk < rows and chunk < largest:
-        chunk *= 2
-    return max(1, min(chunk, largest))
 
 
 def _resolve(problem: Problem, metric: str | Metric) -> Metric:
@@ -484,14 +575,6 @@ def _outgoing_edges(graph: Graph) -> dict[int, np.ndarray]:
         return {}
     _, kind, _, srcs = graph._edge_table
     return {s: np.flatnonzero((kind == 0) & (srcs == s)) for s in range(graph.n_sources)}
-
-
-def _connected(group: _Group, gates: np.ndarray, outgoing: dict[int, np.ndarray]) -> bool:
-    if group.consumer < 0:
-        return True
-    if not np.any(gates[outgoing[group.consumer]] > 0):
-        return False
-    return bool(group.via < 0 or gates[group.via] > 0)
 
 
 def _outside(graph: Graph, nodes: set[str]) -> np.ndarray:
