@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from acdc_jax.cli import app
-from experiments import compare, tracr_reverse  # noqa: F401  (importable as modules)
+from experiments import compare, tracr_reverse, wrong_answer_noise  # noqa: F401  (importable as modules)
 from experiments._runner import RANDOM_WEIGHTS_LABEL, main, run_experiment
 
 QUICK = ["acdc", "eap-ig", "node-patching"]
@@ -52,3 +52,20 @@ def test_experiment_and_compare_commands(tmp_path):
                                  "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "| tracr-xproportion | ACDC |" in (tmp_path / "compare.md").read_text()
+
+
+def test_wrong_answer_noise_table(tmp_path):
+    path = wrong_answer_noise.run(["tracr-xproportion"], seeds=(0,), losses=("inverse", "mse"), n_prompts=6,
+                                  eap_ig_steps=3, out=tmp_path, echo=lambda *_: None)
+    rows = json.loads((tmp_path / "wrong_answer_noise.json").read_text())
+    # mse needs answers and wrong answers, which tracr has not: EAP, EAP-IG, inverse at the gates and the weights
+    assert [(r["row"], r["target"]) for r in rows] == [
+        ("EAP (at gates 0)", "gates"), ("EAP-IG (3 steps)", "gates"),
+        ("wrong-answer inverse", "gates"), ("wrong-answer inverse", "weights")]
+    assert rows[0]["note"].startswith("every score 0")  # l2 on tracr: no gradient at either end
+    gates, weights = rows[2], rows[3]
+    assert gates["units"] == 23 and weights["units"] == 5  # edges; embed, a0.0, mlp0, a1.0, mlp1
+    for r in rows[1:]:
+        assert -1 <= r["spearman"] <= 1 and 0 <= r["top_k_overlap"] <= 1 and 0 <= r["node_auc"] <= 1
+    assert "edge_auc" in gates and "edge_auc" not in weights and "rho_vs_eap" not in gates  # EAP had no ranking
+    assert "| tracr-xproportion | wrong-answer inverse | weights | 5 |" in path.read_text()
