@@ -131,6 +131,26 @@ def test_sliding_layers_from_configs_without_layer_types():
     assert windows("MistralConfig", sliding_window=5) == (5,) * 4
 
 
+def test_readme_gemma2_edge_counts():
+    """The README's edge counts for Gemma-2 are the graph's, for the shape transformers' Gemma2Config
+    defaults to (gemma-2-2b) and gemma-2-9b's."""
+    import re
+    from pathlib import Path
+
+    from acdc_jax.models.families import FAMILIES
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    shapes = {"Gemma-2-2B": {}, "Gemma-2-9B": dict(num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8,
+                                                   hidden_size=3584, intermediate_size=14336)}
+    for name, options in shapes.items():
+        config = FAMILIES["gemma2"].config_from_hf(transformers.Gemma2Config(**options).to_dict())
+        row = re.search(rf"\| {name} \| (\d+) x (\d+) \| ([\d,]+) \(([\d,]+)\) \|", readme)
+        layers, heads, edges, with_internal = (int(g.replace(",", "")) for g in row.groups())
+        assert (layers, heads) == (config.n_layers, config.n_heads)
+        assert edges == aj.Graph.from_model(config).n_edges
+        assert with_internal == aj.Graph.from_model(config, internal_edges=True).n_edges
+
+
 def test_gemma2_post_norm_scale_is_the_runs_own(saved):
     """After a post norm a head's source is its share of the normalised sum with the scale of the heads
     that run computed. Gating head a0.0's q/k/v inputs to the corrupted embedding (every other gate 1)
@@ -277,12 +297,14 @@ def test_atp_star_qk_fix_is_exact_with_rotary_gqa_and_qk_norm():
     np.testing.assert_allclose(atp, exact, rtol=1e-9, atol=1e-9)
 
 
-# one model with every family feature at once: GQA, q/k norm, partial rotary, sliding window, RMSNorm,
-# gated SiLU MLP, parallel blocks
+# one model with every family feature at once: GQA, q/k norm, partial rotary, a sliding window in layer 0
+# only, RMSNorm before and after the sublayers (plain, w: Gemma-2's (1 + w) is in its parity cases),
+# soft-capped scores and logits, a scaled embedding, gated SiLU MLP, parallel blocks
 ALL_FEATURES = aj.TransformerConfig(
     n_layers=2, n_heads=4, n_kv_heads=2, d_model=16, d_head=4, d_mlp=24, d_vocab=19, n_ctx=8, act_fn="silu",
-    normalization="rms", positional="rotary", rotary_dim=2, qk_norm=True, gated_mlp=True, parallel=True,
-    sliding_window=4, tied_unembed=False,
+    normalization="rms", post_norms=True, positional="rotary", rotary_dim=2, qk_norm=True, gated_mlp=True,
+    parallel=True, sliding_window=(4, None), attn_softcap=2.0, logit_softcap=3.0, embed_multiplier=2.0,
+    tied_unembed=False,
 )
 
 
@@ -324,11 +346,9 @@ METHOD_OPTIONS = {"acdc": dict(threshold=0.01), "acdc-nodes": dict(threshold=0.0
 def test_every_method_runs_on_a_model_with_every_family_feature():
     """Every registered method on one layer of the all-features model (one problem per granularity,
     so that the methods share compilations)."""
-    import dataclasses
-
     from acdc_jax.methods import Problem, get_method, method_names
 
-    model = aj.init_model(dataclasses.replace(ALL_FEATURES, n_layers=1), jax.random.PRNGKey(0), std=0.5)
+    model = aj.init_model(dataclasses.replace(ALL_FEATURES, n_layers=1, sliding_window=4), jax.random.PRNGKey(0), std=0.5)
     task = _all_features_task()
     problems = {level: Problem.build(model, task, level=level) for level in ("edge", "node")}
     assert not any(e.startswith("a0.") and e.endswith("->mlp0") for e in problems["edge"].graph.edges)  # parallel
