@@ -17,15 +17,18 @@ and an RMSNorm is linear once its scale is fixed: ``norm(T) = T * c(T)`` with
 
     x_h = y_h * c(sum_h' y_h')        (summed over the heads of its layer, in the same run)
 
-so the shares add up to the normalised output exactly, and the scale is always the one of the run
-that computed the heads: in the gated forward, ``sum_h' y_h'`` is the total of the head outputs that
-run actually produced (each head from its own gated inputs), not the clean run's. Edges carry these
-shares like any other source: a destination reads ``g x_h + (1 - g) x~_h``, with ``x~_h`` the share
-in the ablated run (computed there with that run's own scale). Hence all gates 1 gives the model
-(every head clean, so the total and the scale are the clean ones) and all gates 0 the corrupted
-model (every destination reads the corrupted shares). A consequence to keep in mind: patching the
-inputs of one head changes the scale of its whole layer, so the other heads' shares move too; that
-is the model's own behaviour (the norm couples them), not an artefact of the gating.
+so the shares add up to the normalised output (exactly, up to float rounding), and the scale is
+always that of the run which computed the heads: in the gated forward, ``sum_h' y_h'`` is the total
+of the head outputs this run actually produced (each head from its own gated inputs), not the clean
+run's. Edges carry the shares like any other source: a destination reads ``g x_h + (1 - g) x~_h``,
+with ``x~_h`` the share in the ablated run (computed there with that run's own scale). Hence all
+gates 1 gives the model (every head clean, so the total and the scale are the clean ones) and all
+gates 0 the corrupted model (every destination reads the corrupted shares). Normalising each head
+on its own would break the first (the norm of a sum is not the sum of norms); a scale frozen from
+the clean run would make the residual differ from what the model writes for the heads this run
+computed. A consequence to keep in mind: patching the inputs of one head changes the scale of its
+whole layer, so the other heads' shares move too; that is the model's behaviour (the norm couples
+them), not an artefact of the gating.
 """
 
 from __future__ import annotations
@@ -240,7 +243,7 @@ def _norm(cfg: TransformerConfig, ln: LayerNorm | None, x: Array) -> Array:
     return _layer_norm(ln, x, cfg.ln_eps, cfg.normalization == "gemma_rms")
 
 
-def post_norm_shares(cfg: TransformerConfig, ln: LayerNorm, parts: Float[Array, "n batch pos d_model"]) -> Array:
+def _post_norm_shares(cfg: TransformerConfig, ln: LayerNorm, parts: Float[Array, "n batch pos d_model"]) -> Array:
     """Each part's share of ``norm(sum(parts))``: ``parts[i] * c`` with the norm's scale
     ``c = (1 + w) / rms(total)`` (``w / rms(total)``) taken from the total, so the shares sum to the
     normalised total (see the module docstring for why heads after a post norm are defined so)."""
@@ -398,7 +401,7 @@ def _attention(
 def _head_sources(cfg: TransformerConfig, block: Block, results: Float[Array, "n_heads batch pos d_model"]) -> Array:
     """Each head's source value from its output ``z_h @ W_O[h]``: the output itself, or with a norm
     after attention (Gemma-2) its share of the normalised sum, the scale taken from these heads."""
-    return results if block.ln1_post is None else post_norm_shares(cfg, block.ln1_post, results)
+    return results if block.ln1_post is None else _post_norm_shares(cfg, block.ln1_post, results)
 
 
 def _attention_output(cfg: TransformerConfig, block: Block, summed: Float[Array, "batch pos d_model"]) -> Array:
