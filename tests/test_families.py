@@ -1,6 +1,9 @@
-"""Llama, Mistral, Qwen2, Qwen3 and GPT-NeoX/Pythia, loaded from folders that ``transformers`` wrote
-with ``save_pretrained``: logits against ``transformers`` (1e-5 relative to the largest logit), the
-gated forward against the float64 plain reference, gate gradients against finite differences."""
+"""Llama, Mistral, Qwen2, Qwen3, GPT-NeoX/Pythia and Gemma-2, loaded from folders that ``transformers``
+wrote with ``save_pretrained``: logits against ``transformers`` (1e-5 relative to the largest logit),
+the gated forward against the float64 plain reference, gate gradients against finite differences."""
+
+import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import acdc_jax as aj  # noqa: E402
-from acdc_jax.models import LoadError, build_model, load_model, model_arrays  # noqa: E402
+from acdc_jax.models import LoadError, build_model, expected_shapes, load_model, model_arrays  # noqa: E402
 
 from . import reference  # noqa: E402
 
@@ -22,7 +25,12 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
           "original_max_position_embeddings": 16}
 # name -> (config class, options): GQA with 2 and 4 query heads per kv head, a window shorter than the
 # prompts, biases, q/k norm with head_dim != d_model / n_heads, tied and untied unembeddings, parallel
-# and sequential GPT-NeoX with partial rotary
+# and sequential GPT-NeoX with partial rotary, Qwen2 sliding only in the layers >= max_window_layers,
+# Gemma-2 with soft-capping on both, query_pre_attn_scalar != head_dim, its default alternation (layer 0
+# slides) and the reverse one from layer_types. Gemma2Config's pad_token_id=0 would make transformers zero
+# that token's embedding row: a residual of exact zeros, which every RMSNorm maps to rounding noise times
+# 1/sqrt(eps) (the gated run's x~ + (x - x~) is not exactly 0), so the Gemma cases have no pad token.
+GEMMA = dict(pad_token_id=None)
 CASES = {
     "llama-gqa-llama3-tied": ("LlamaConfig", dict(num_key_value_heads=2, rope_scaling=LLAMA3, tie_word_embeddings=True)),
     "llama-mqa-biases": ("LlamaConfig", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)),
@@ -31,6 +39,15 @@ CASES = {
     "qwen3-qk-norm": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=12, tie_word_embeddings=True)),
     "pythia-parallel": ("GPTNeoXConfig", dict(rotary_pct=0.25)),
     "neox-sequential": ("GPTNeoXConfig", dict(use_parallel_residual=False, rotary_pct=0.5)),
+    "qwen2-window-layers": ("Qwen2Config", dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=3,
+                                                max_window_layers=1)),
+    "gemma2-window-softcap": ("Gemma2Config", dict(GEMMA, num_key_value_heads=2, head_dim=12, query_pre_attn_scalar=20,
+                                                   sliding_window=3, attn_logit_softcapping=1.5,
+                                                   final_logit_softcapping=2.0)),
+    "gemma2-layer-types-untied": ("Gemma2Config", dict(GEMMA, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8,
+                                                       sliding_window=4, layer_types=["full_attention", "sliding_attention"],
+                                                       attn_logit_softcapping=None, final_logit_softcapping=None,
+                                                       tie_word_embeddings=False)),
 }
 N_POS = 7  # longer than the sliding window
 
@@ -81,14 +98,89 @@ def test_logits_match_transformers(saved, case):
 
 def test_what_each_option_changes_is_visible():
     """The options the parity cases exercise change the logits (so parity on them is a real check)."""
-    import dataclasses
-
     tokens = _tokens(0)
+    gemma = "gemma2-window-softcap"
     for case, field, off in [("mistral-window", "sliding_window", None), ("llama-gqa-llama3-tied", "rope_scaling", None),
-                             ("pythia-parallel", "parallel", False), ("neox-sequential", "rotary_dim", 2)]:
+                             ("pythia-parallel", "parallel", False), ("neox-sequential", "rotary_dim", 2),
+                             ("qwen2-window-layers", "sliding_window", None), ("qwen2-window-layers", "sliding_window", 3),
+                             (gemma, "sliding_window", None), (gemma, "sliding_window", 3), (gemma, "attn_softcap", None),
+                             (gemma, "logit_softcap", None), (gemma, "attn_scale", math.sqrt(12)),
+                             (gemma, "embed_multiplier", 1.0), (gemma, "normalization", "rms"), (gemma, "post_norms", False),
+                             ("gemma2-layer-types-untied", "sliding_window", (4, None))]:
         base = aj.init_model(_config(case), jax.random.PRNGKey(0), std=0.3)
-        changed = build_model(dataclasses.replace(base.config, **{field: off}), model_arrays(base))
-        assert np.abs(np.asarray(base(tokens)) - np.asarray(changed(tokens))).max() > 1e-3, (case, field)
+        config = dataclasses.replace(base.config, **{field: off})
+        arrays = model_arrays(base)  # without post norms: no ln*_post, and a zero b_O
+        changed = build_model(config, {k: arrays.get(k, np.zeros(shape, np.float32)) for k, shape in expected_shapes(config).items()})
+        assert np.abs(np.asarray(base(tokens)) - np.asarray(changed(tokens))).max() > 1e-3, (case, field, off)
+
+
+def test_sliding_layers_from_configs_without_layer_types():
+    """Files older than transformers 5 have no ``layer_types``: Gemma-2 slides in its even layers,
+    Qwen2/3 in the layers >= max_window_layers (all of them when that is 0), Mistral in every layer."""
+    def windows(cls, n_layers=4, **options):
+        from acdc_jax.models.families import FAMILIES
+
+        hf = getattr(transformers, cls)(**(COMMON | dict(num_hidden_layers=n_layers, num_key_value_heads=2)), **options).to_dict()
+        hf.pop("layer_types", None)
+        return FAMILIES[hf["model_type"]].config_from_hf(hf).layer_windows
+
+    assert windows("Gemma2Config", sliding_window=5) == (5, None, 5, None)
+    assert windows("Qwen2Config", use_sliding_window=True, sliding_window=5, max_window_layers=3) == (None, None, None, 5)
+    assert windows("Qwen3Config", use_sliding_window=True, sliding_window=5, max_window_layers=0) == (5,) * 4
+    assert windows("Qwen2Config", use_sliding_window=False, sliding_window=5, max_window_layers=0) == (None,) * 4
+    assert windows("MistralConfig", sliding_window=5) == (5,) * 4
+
+
+def test_readme_gemma2_edge_counts():
+    """The README's edge counts for Gemma-2 are the graph's, for the shape transformers' Gemma2Config
+    defaults to (gemma-2-2b) and gemma-2-9b's."""
+    import re
+    from pathlib import Path
+
+    from acdc_jax.models.families import FAMILIES
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    shapes = {"Gemma-2-2B": {}, "Gemma-2-9B": dict(num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8,
+                                                   hidden_size=3584, intermediate_size=14336)}
+    for name, options in shapes.items():
+        config = FAMILIES["gemma2"].config_from_hf(transformers.Gemma2Config(**options).to_dict())
+        row = re.search(rf"\| {name} \| (\d+) x (\d+) \| ([\d,]+) \(([\d,]+)\) \|", readme)
+        layers, heads, edges, with_internal = (int(g.replace(",", "")) for g in row.groups())
+        assert (layers, heads) == (config.n_layers, config.n_heads)
+        assert edges == aj.Graph.from_model(config).n_edges
+        assert with_internal == aj.Graph.from_model(config, internal_edges=True).n_edges
+
+
+def test_gemma2_post_norm_scale_is_the_runs_own(saved):
+    """After a post norm a head's source is its share of the normalised sum with the scale of the heads
+    that run computed. Gating head a0.0's q/k/v inputs to the corrupted embedding (every other gate 1)
+    must therefore equal transformers with head 0's mixed values (o_proj's input) replaced by the
+    corrupted run's: its post_attention_layernorm then normalises the patched total."""
+    folder, hf = saved["gemma2-window-softcap"]
+    model = load_model(folder)
+    clean, corrupt = _tokens(0), _tokens(1)
+    graph = aj.Graph.from_model(model)
+    run = aj.GatedRun(model, graph, clean, aj.make_ablation(model, "corrupt", corrupt_tokens=corrupt))
+    gates = np.ones(graph.n_gates, np.float32)
+    gates[graph.indices([f"embed->a0.0.{t}" for t in "qkv"])] = 0.0
+    ours = np.asarray(run(gates))
+
+    o_proj, width = hf.model.layers[0].self_attn.o_proj, model.config.d_head
+    corrupted = {}
+    grab = o_proj.register_forward_pre_hook(lambda module, args: corrupted.setdefault("z", args[0].clone()))
+    _hf_logits(hf, corrupt)
+    grab.remove()
+
+    def patch(module, args):
+        z = args[0].clone()
+        z[..., :width] = corrupted["z"][..., :width]
+        return (z,)
+
+    hook = o_proj.register_forward_pre_hook(patch)
+    expected = _hf_logits(hf, clean)
+    hook.remove()
+    _assert_logits_close(ours, expected)
+    assert np.abs(expected - _hf_logits(hf, clean)).max() > 1e-2 * np.abs(expected).max()  # the patch matters
 
 
 def _config(case):
@@ -166,8 +258,11 @@ def test_unsupported_configs_fail_clearly(tmp_path):
     def write(cls, **options):
         getattr(transformers, cls)(**COMMON, **options).save_pretrained(tmp_path)
 
-    write("Qwen2Config", use_sliding_window=True, sliding_window=4)
-    with pytest.raises(LoadError, match="use_sliding_window=true"):
+    write("Gemma2Config", attention_bias=True)
+    with pytest.raises(LoadError, match="attention_bias=true is not supported"):
+        load_model(tmp_path)
+    write("Gemma2Config", use_bidirectional_attention=True)
+    with pytest.raises(LoadError, match="use_bidirectional_attention=true is not supported"):
         load_model(tmp_path)
     write("LlamaConfig", rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16})
     with pytest.raises(LoadError, match="rope type 'yarn' is not supported"):
@@ -175,8 +270,8 @@ def test_unsupported_configs_fail_clearly(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 2}')
     with pytest.raises(LoadError, match="lacks the field 'hidden_size'"):
         load_model(tmp_path)
-    write("Gemma2Config")
-    with pytest.raises(LoadError, match="unknown architecture: model_type='gemma2'.*llama, mistral"):
+    write("Phi3Config")
+    with pytest.raises(LoadError, match="unknown architecture: model_type='phi3'.*gemma2, gpt_neox, llama, mistral"):
         load_model(tmp_path)
 
 
@@ -202,12 +297,14 @@ def test_atp_star_qk_fix_is_exact_with_rotary_gqa_and_qk_norm():
     np.testing.assert_allclose(atp, exact, rtol=1e-9, atol=1e-9)
 
 
-# one model with every family feature at once: GQA, q/k norm, partial rotary, sliding window, RMSNorm,
-# gated SiLU MLP, parallel blocks
+# one model with every family feature at once: GQA, q/k norm, partial rotary, a sliding window in layer 0
+# only, RMSNorm before and after the sublayers (plain, w: Gemma-2's (1 + w) is in its parity cases),
+# soft-capped scores and logits, a scaled embedding, gated SiLU MLP, parallel blocks
 ALL_FEATURES = aj.TransformerConfig(
     n_layers=2, n_heads=4, n_kv_heads=2, d_model=16, d_head=4, d_mlp=24, d_vocab=19, n_ctx=8, act_fn="silu",
-    normalization="rms", positional="rotary", rotary_dim=2, qk_norm=True, gated_mlp=True, parallel=True,
-    sliding_window=4, tied_unembed=False,
+    normalization="rms", post_norms=True, positional="rotary", rotary_dim=2, qk_norm=True, gated_mlp=True,
+    parallel=True, sliding_window=(4, None), attn_softcap=2.0, logit_softcap=3.0, embed_multiplier=2.0,
+    tied_unembed=False,
 )
 
 
@@ -249,11 +346,9 @@ METHOD_OPTIONS = {"acdc": dict(threshold=0.01), "acdc-nodes": dict(threshold=0.0
 def test_every_method_runs_on_a_model_with_every_family_feature():
     """Every registered method on one layer of the all-features model (one problem per granularity,
     so that the methods share compilations)."""
-    import dataclasses
-
     from acdc_jax.methods import Problem, get_method, method_names
 
-    model = aj.init_model(dataclasses.replace(ALL_FEATURES, n_layers=1), jax.random.PRNGKey(0), std=0.5)
+    model = aj.init_model(dataclasses.replace(ALL_FEATURES, n_layers=1, sliding_window=4), jax.random.PRNGKey(0), std=0.5)
     task = _all_features_task()
     problems = {level: Problem.build(model, task, level=level) for level in ("edge", "node")}
     assert not any(e.startswith("a0.") and e.endswith("->mlp0") for e in problems["edge"].graph.edges)  # parallel

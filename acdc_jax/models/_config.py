@@ -2,8 +2,10 @@
 
 GPT-2 family, compiled tracr and attention-only models, and the Hugging Face families whose
 differences are data here: Llama, Mistral, Qwen2/2.5 and Qwen3 (RMSNorm, rotary, grouped-query
-attention, gated MLP, q/k/v biases, q/k norm, sliding window) and GPT-NeoX/Pythia (parallel
-attention and MLP, partial rotary). Each family's key map lives in ``acdc_jax/models/families/``.
+attention, gated MLP, q/k/v biases, q/k norm, sliding windows in all or some layers),
+GPT-NeoX/Pythia (parallel attention and MLP, partial rotary) and Gemma-2 ((1 + w) RMSNorm, norms
+after the sublayers, scaled embedding, soft-capped attention scores and logits, alternating
+sliding-window layers). Each family's key map lives in ``acdc_jax/models/families/``.
 """
 
 from __future__ import annotations
@@ -36,8 +38,15 @@ class TransformerConfig:
     times ``layer + 1`` when ``scale_attn_by_inverse_layer_idx``). ``d_mlp=None`` means an
     attention-only model. ``tied_unembed`` means the unembedding is ``W_E.T`` (GPT-2).
 
-    - ``normalization``: ``"ln"`` (LayerNorm with bias), ``"rms"`` (RMSNorm, ``x / rms(x) * w``) or
-      ``None`` (no norm anywhere: tracr); ``ln_eps`` is its epsilon.
+    - ``normalization``: ``"ln"`` (LayerNorm with bias), ``"rms"`` (RMSNorm, ``x / rms(x) * w``),
+      ``"gemma_rms"`` (Gemma's RMSNorm, ``x / rms(x) * (1 + w)``, computed in float32 before casting
+      back) or ``None`` (no norm anywhere: tracr); ``ln_eps`` is its epsilon.
+    - ``post_norms``: a norm after each sublayer as well (Gemma-2): the residual receives
+      ``norm(attention output)`` and ``norm(MLP output)``. Needs an RMS norm and has no attention
+      output bias ``b_O`` (a bias inside the norm would not be a constant). How the normalised
+      attention output splits into per-head sources is documented in ``_transformer``.
+    - ``embed_multiplier``: the token embedding is ``W_E[t] * embed_multiplier`` (Gemma:
+      ``sqrt(d_model)``, cast to the activation dtype as HF does); the unembedding uses ``W_E`` unscaled.
     - ``positional``: ``"learned"`` (``W_pos`` added to the embedding, part of the ``embed``
       source), ``"rotary"`` (applied to q and k inside attention; ``embed`` is the token embedding
       alone) or ``"none"``. Rotary: ``rotary_base`` (HF ``rope_theta``), ``rotary_dim`` (the
@@ -50,7 +59,12 @@ class TransformerConfig:
     - ``gated_mlp``: ``W_out (act(x W_gate) * (x W_in))`` (Llama's SiLU MLP) instead of ``W_out act(x W_in)``.
     - ``parallel``: attention and MLP read the same residual (GPT-NeoX/Pythia): the MLP has no edges
       from its own layer's heads.
-    - ``sliding_window``: a query at i reads keys j with ``i - j < sliding_window`` (Mistral); ``None``: all.
+    - ``sliding_window``: a query at i reads keys j with ``i - j < sliding_window``: one int for every
+      layer (Mistral), a tuple of one int or ``None`` (full attention) per layer (Gemma-2's alternating
+      layers, Qwen2/3's ``max_window_layers``), or ``None``: all keys everywhere. ``layer_windows``
+      gives the per-layer tuple.
+    - ``attn_softcap``: attention scores (after the scale) become ``tanh(s / cap) * cap`` before the
+      mask and softmax; ``logit_softcap``: the same on the output logits (Gemma-2). ``None``: off.
     """
 
     n_layers: int
@@ -62,7 +76,7 @@ class TransformerConfig:
     d_mlp: int | None = None
     d_vocab_out: int | None = None
     act_fn: str = "gelu_new"  # one of ActFn; validated in __post_init__ with a message
-    normalization: str | None = "ln"  # "ln", "rms" or None
+    normalization: str | None = "ln"  # "ln", "rms", "gemma_rms" or None
     ln_eps: float = 1e-5
     causal: bool = True
     attn_scale: float | None = None
@@ -76,7 +90,11 @@ class TransformerConfig:
     qk_norm: bool = False
     gated_mlp: bool = False
     parallel: bool = False
-    sliding_window: int | None = None
+    sliding_window: int | tuple[int | None, ...] | None = None
+    post_norms: bool = False
+    embed_multiplier: float = 1.0
+    attn_softcap: float | None = None
+    logit_softcap: float | None = None
     name: str = ""
 
     def __post_init__(self):
@@ -92,8 +110,13 @@ class TransformerConfig:
             raise ConfigError(
                 f"unknown act_fn {self.act_fn!r}; choose one of 'gelu_new', 'gelu', 'relu', 'silu'"
             )
-        if self.normalization not in ("ln", "rms", None):
-            raise ConfigError(f"normalization must be 'ln', 'rms' or None, got {self.normalization!r}")
+        if self.normalization not in ("ln", "rms", "gemma_rms", None):
+            raise ConfigError(f"normalization must be 'ln', 'rms', 'gemma_rms' or None, got {self.normalization!r}")
+        if self.post_norms and self.normalization not in ("rms", "gemma_rms"):
+            raise ConfigError(
+                f"post_norms needs an RMS norm (normalization='rms' or 'gemma_rms'), got {self.normalization!r}: "
+                "a LayerNorm after a sublayer has no per-head decomposition here"
+            )
         if self.positional not in ("learned", "rotary", "none"):
             raise ConfigError(f"positional must be 'learned', 'rotary' or 'none', got {self.positional!r}")
         # n_kv_heads stays None when unset (not filled in), so that dataclasses.replace(n_heads=...) works
@@ -114,8 +137,21 @@ class TransformerConfig:
                     "rope_scaling must be None, ('linear', factor) or ('llama3', factor, low_freq_factor, "
                     f"high_freq_factor, original_max_position_embeddings), got {self.rope_scaling!r}"
                 )
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
-            raise ConfigError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
+        if isinstance(self.sliding_window, list):  # JSON gives lists
+            object.__setattr__(self, "sliding_window", tuple(self.sliding_window))
+        windows = self.sliding_window if isinstance(self.sliding_window, tuple) else (self.sliding_window,)
+        if isinstance(self.sliding_window, tuple) and len(windows) != self.n_layers:
+            raise ConfigError(f"sliding_window as a tuple needs one entry per layer ({self.n_layers}), got {len(windows)}")
+        if not all(w is None or (isinstance(w, int) and not isinstance(w, bool) and w > 0) for w in windows):
+            raise ConfigError(
+                f"sliding_window must be a positive int, a tuple of positive ints or None per layer, or None; got {self.sliding_window!r}"
+            )
+        for field in ("attn_softcap", "logit_softcap"):
+            value = getattr(self, field)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+                raise ConfigError(f"{field} must be a positive number or None, got {value!r}")
+        if not isinstance(self.embed_multiplier, (int, float)) or isinstance(self.embed_multiplier, bool):
+            raise ConfigError(f"embed_multiplier must be a number, got {self.embed_multiplier!r}")
         if self.gated_mlp and not self.has_mlp:
             raise ConfigError("gated_mlp needs an MLP (d_mlp is None)")
         if self.attn_scale is None:
@@ -129,6 +165,13 @@ class TransformerConfig:
     @property
     def has_mlp(self) -> bool:
         return self.d_mlp is not None
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """The sliding window of each layer (``None``: full attention)."""
+        if isinstance(self.sliding_window, tuple):
+            return self.sliding_window
+        return (self.sliding_window,) * self.n_layers
 
     @property
     def kv_group(self) -> int:
@@ -201,4 +244,6 @@ class TransformerConfig:
             raise ConfigError(f"unknown TransformerConfig fields {unknown}; known fields: {sorted(known)}")
         if data.get("rope_scaling") is not None:  # JSON gives lists
             data = {**data, "rope_scaling": tuple(data["rope_scaling"])}
+        if isinstance(data.get("sliding_window"), list):
+            data = {**data, "sliding_window": tuple(data["sliding_window"])}
         return cls(**data)

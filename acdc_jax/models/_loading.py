@@ -67,7 +67,11 @@ def expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
     for w, n in (("Q", H), ("K", KV), ("V", KV)):
         shapes[f"blocks.attn.W_{w}"] = (L, n, D, E)
         shapes[f"blocks.attn.b_{w}"] = (L, n, E)
-    shapes |= {"blocks.attn.W_O": (L, H, E, D), "blocks.attn.b_O": (L, D)}
+    shapes["blocks.attn.W_O"] = (L, H, E, D)
+    if config.post_norms:  # the attention output is normalised: no b_O (it would not be a constant)
+        norm("blocks.ln1_post", L)
+    else:
+        shapes["blocks.attn.b_O"] = (L, D)
     if config.qk_norm:
         shapes |= {"blocks.attn.q_norm": (L, E), "blocks.attn.k_norm": (L, E)}
     if config.has_mlp:
@@ -81,6 +85,8 @@ def expected_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
         }
         if config.gated_mlp:
             shapes |= {"blocks.mlp.W_gate": (L, D, M), "blocks.mlp.b_gate": (L, M)}
+        if config.post_norms:
+            norm("blocks.ln2_post", L)
     norm("ln_final")
     if not config.tied_unembed:
         shapes["unembed.W_U"] = (D, config.d_vocab_out)
@@ -120,7 +126,8 @@ def build_model(config: TransformerConfig, arrays: dict[str, np.ndarray], dtype=
     return Transformer(
         config=config,
         embed=Embed(params["embed.W_E"], params.get("embed.W_pos")),
-        blocks=Block(ln1=ln("blocks.ln1"), attn=attn, ln2=ln("blocks.ln2"), mlp=mlp),
+        blocks=Block(ln1=ln("blocks.ln1"), attn=attn, ln2=ln("blocks.ln2"), mlp=mlp,
+                     ln1_post=ln("blocks.ln1_post"), ln2_post=ln("blocks.ln2_post")),
         ln_final=ln("ln_final"),
         unembed=Unembed(params.get("unembed.W_U"), params["unembed.b_U"]),
     )
@@ -136,7 +143,8 @@ def model_arrays(model: Transformer) -> dict[str, np.ndarray]:
 
 
 def init_model(config: TransformerConfig, key: jax.Array, *, std: float = 0.02) -> Transformer:
-    """Random parameters: normal(0, std) weights and biases, norm scales near 1.
+    """Random parameters: normal(0, std) weights and biases, norm scales near 1 (Gemma's ``(1 + w)``
+    norms: ``w`` near 0).
 
     The numbers come from numpy, seeded by the key's bits (same key, same model): drawing them
     with ``jax.random`` compiles a sampler per parameter shape, seconds per model on a CPU.
@@ -144,9 +152,11 @@ def init_model(config: TransformerConfig, key: jax.Array, *, std: float = 0.02) 
     seed = np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key)
     rng = np.random.default_rng(seed.astype(np.uint32).ravel().tolist())
     arrays = {}
+    unit = 0.0 if config.normalization == "gemma_rms" else 1.0
     for name, shape in expected_shapes(config).items():
         draw = rng.standard_normal(shape, dtype=np.float32)
-        arrays[name] = 1.0 + 0.1 * draw if name.endswith(("ln1.w", "ln2.w", "ln_final.w", "q_norm", "k_norm")) else std * draw
+        is_norm = name.endswith(("ln1.w", "ln2.w", "ln1_post.w", "ln2_post.w", "ln_final.w", "q_norm", "k_norm"))
+        arrays[name] = unit + 0.1 * draw if is_norm else std * draw
     return build_model(config, arrays)
 
 

@@ -8,6 +8,27 @@ destination input from the sources it is connected to (see ``gated_forward``).
 
 Source order (the graph's and the caches'): ``embed``, then per layer the heads ``a{l}.0..H-1``
 followed by ``mlp{l}`` (if the model has MLPs).
+
+Norms after the sublayers (Gemma-2, ``config.post_norms``). The residual receives
+``norm(sum_h y_h)`` for the heads' outputs ``y_h = z_h @ W_O[h]`` and ``norm(MLP(...))`` for the MLP.
+The MLP is one source, so its source value is simply its normalised output. The heads are several,
+and an RMSNorm is linear once its scale is fixed: ``norm(T) = T * c(T)`` with
+``c(T) = (1 + w) / rms(T)`` (``w / rms(T)`` for a plain RMSNorm). Head h's source value is its share
+
+    x_h = y_h * c(sum_h' y_h')        (summed over the heads of its layer, in the same run)
+
+so the shares add up to the normalised output (exactly, up to float rounding), and the scale is
+always that of the run which computed the heads: in the gated forward, ``sum_h' y_h'`` is the total
+of the head outputs this run actually produced (each head from its own gated inputs), not the clean
+run's. Edges carry the shares like any other source: a destination reads ``g x_h + (1 - g) x~_h``,
+with ``x~_h`` the share in the ablated run (computed there with that run's own scale). Hence all
+gates 1 gives the model (every head clean, so the total and the scale are the clean ones) and all
+gates 0 the corrupted model (every destination reads the corrupted shares). Normalising each head
+on its own would break the first (the norm of a sum is not the sum of norms); a scale frozen from
+the clean run would make the residual differ from what the model writes for the heads this run
+computed. A consequence to keep in mind: patching the inputs of one head changes the scale of its
+whole layer, so the other heads' shares move too; that is the model's behaviour (the norm couples
+them), not an artefact of the gating.
 """
 
 from __future__ import annotations
@@ -35,7 +56,8 @@ class InputError(ValueError):
 
 
 class LayerNorm(eqx.Module):
-    """LayerNorm's scale and bias, or RMSNorm's scale (``b`` is None); the config says which."""
+    """LayerNorm's scale and bias, or RMSNorm's scale (``b`` is None; Gemma's ``(1 + w)`` norm stores
+    ``w``); the config says which."""
 
     w: Float[Array, "*layers d"]
     b: Float[Array, "*layers d"] | None = None
@@ -50,7 +72,8 @@ class Attention(eqx.Module):
     """Per-head weights in TransformerLens layout: ``q[h] = x @ W_Q[h] + b_Q[h]``.
 
     Keys and values have ``n_kv_heads`` heads (grouped-query attention); ``q_norm``/``k_norm`` are
-    the per-head RMSNorm scales of models with q/k norm (Qwen3), else None.
+    the per-head RMSNorm scales of models with q/k norm (Qwen3), else None. ``b_O`` is None in models
+    with a norm after attention (``config.post_norms``): the bias would sit inside the norm.
     """
 
     W_Q: Float[Array, "*layers n_heads d_model d_head"]
@@ -60,7 +83,7 @@ class Attention(eqx.Module):
     W_V: Float[Array, "*layers n_kv_heads d_model d_head"]
     b_V: Float[Array, "*layers n_kv_heads d_head"]
     W_O: Float[Array, "*layers n_heads d_head d_model"]
-    b_O: Float[Array, "*layers d_model"]
+    b_O: Float[Array, "*layers d_model"] | None = None
     q_norm: Float[Array, "*layers d_head"] | None = None
     k_norm: Float[Array, "*layers d_head"] | None = None
 
@@ -78,12 +101,18 @@ class MLP(eqx.Module):
 
 
 class Block(eqx.Module):
-    """One transformer block; in ``Transformer.blocks`` every leaf has a leading layer axis."""
+    """One transformer block; in ``Transformer.blocks`` every leaf has a leading layer axis.
+
+    ``ln1``/``ln2`` normalise the attention's and the MLP's input; ``ln1_post``/``ln2_post`` (Gemma-2's
+    ``post_attention_layernorm``/``post_feedforward_layernorm``) their outputs, None without post norms.
+    """
 
     ln1: LayerNorm | None
     attn: Attention
     ln2: LayerNorm | None
     mlp: MLP | None
+    ln1_post: LayerNorm | None = None
+    ln2_post: LayerNorm | None = None
 
 
 class Unembed(eqx.Module):
@@ -179,20 +208,52 @@ def _at_least_f32(x: Array) -> Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _layer_norm(ln: LayerNorm | None, x: Array, eps: float) -> Array:
-    """LayerNorm, or RMSNorm when ``ln.b`` is None (``x / sqrt(mean(x^2) + eps) * w``, as HF's
-    ``LlamaRMSNorm``: statistics in float32, the scale applied after casting back)."""
+def _inverse_rms(x: Array, eps: float) -> Array:
+    """``1 / sqrt(mean(x^2) + eps)`` over the last axis (kept), in at least float32."""
+    wide = _at_least_f32(x)
+    return lax.rsqrt((wide * wide).mean(-1, keepdims=True) + eps)
+
+
+def _rms_scaled(ln: LayerNorm, x: Array, inverse_rms: Array, unit_offset: bool) -> Array:
+    """``x * inverse_rms`` times the norm's scale: ``w`` applied after casting back to x's dtype (HF's
+    ``LlamaRMSNorm``), or ``(1 + w)`` applied in float32 before casting (``Gemma2RMSNorm``)."""
+    scaled = _at_least_f32(x) * inverse_rms
+    if unit_offset:
+        return (scaled * (1.0 + _lead(ln.w, x.ndim).astype(scaled.dtype))).astype(x.dtype)
+    return scaled.astype(x.dtype) * _lead(ln.w, x.ndim)
+
+
+def _layer_norm(ln: LayerNorm | None, x: Array, eps: float, unit_offset: bool = False) -> Array:
+    """LayerNorm, or RMSNorm when ``ln.b`` is None (``x / sqrt(mean(x^2) + eps) * w``, statistics in
+    float32; ``unit_offset``: Gemma's ``* (1 + w)``)."""
     if ln is None:
         return x
     wide = _at_least_f32(x)
     if ln.b is None:
-        normed = (wide * lax.rsqrt((wide * wide).mean(-1, keepdims=True) + eps)).astype(x.dtype)
-        return normed * _lead(ln.w, x.ndim)
+        return _rms_scaled(ln, x, _inverse_rms(x, eps), unit_offset)
     mean = wide.mean(-1, keepdims=True)
     centred = wide - mean
     var = (centred * centred).mean(-1, keepdims=True)
     normed = (centred * lax.rsqrt(var + eps)).astype(x.dtype)
     return normed * _lead(ln.w, x.ndim) + _lead(ln.b, x.ndim)
+
+
+def _norm(cfg: TransformerConfig, ln: LayerNorm | None, x: Array) -> Array:
+    """The config's norm (``ln`` None: identity)."""
+    return _layer_norm(ln, x, cfg.ln_eps, cfg.normalization == "gemma_rms")
+
+
+def _post_norm_shares(cfg: TransformerConfig, ln: LayerNorm, parts: Float[Array, "n batch pos d_model"]) -> Array:
+    """Each part's share of ``norm(sum(parts))``: ``parts[i] * c`` with the norm's scale
+    ``c = (1 + w) / rms(total)`` (``w / rms(total)``) taken from the total, so the shares sum to the
+    normalised total (see the module docstring for why heads after a post norm are defined so)."""
+    inverse_rms = _inverse_rms(parts.sum(0), cfg.ln_eps)[None]
+    return _rms_scaled(ln, parts, inverse_rms, cfg.normalization == "gemma_rms")
+
+
+def _softcap(x: Array, cap: float | None) -> Array:
+    """``tanh(x / cap) * cap`` (Gemma-2's soft-capping); ``cap`` None: x unchanged."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 def _activation(name: str, x: Array) -> Array:
@@ -209,15 +270,18 @@ def _activation(name: str, x: Array) -> Array:
 
 def _embed(model: Transformer, tokens: Array, pos_ids: Array | None) -> Float[Array, "batch pos d_model"]:
     n_pos = tokens.shape[1]
+    tok = model.embed.W_E[tokens]
+    if model.config.embed_multiplier != 1.0:  # Gemma: sqrt(d_model), rounded to the activation dtype as HF does
+        tok = tok * jnp.asarray(model.config.embed_multiplier, tok.dtype)
     if model.embed.W_pos is None:  # rotary (positions enter at q and k) or no positions
-        return model.embed.W_E[tokens]
+        return tok
     if pos_ids is None:
         pos = model.embed.W_pos[:n_pos][None]
     else:
         pos = model.embed.W_pos[pos_ids]
         if pos.ndim == 2:
             pos = pos[None]
-    return model.embed.W_E[tokens] + pos
+    return tok + pos
 
 
 def project_heads(cfg: TransformerConfig, block: Block, x: Array, W: Array, b: Array, precision) -> Array:
@@ -230,7 +294,7 @@ def project_heads(cfg: TransformerConfig, block: Block, x: Array, W: Array, b: A
     """
     if W.shape[0] != cfg.n_heads:
         W, b = jnp.repeat(W, cfg.kv_group, axis=0), jnp.repeat(b, cfg.kv_group, axis=0)
-    x = _layer_norm(block.ln1, x, cfg.ln_eps)
+    x = _norm(cfg, block.ln1, x)
     spec = "bpd,hde->hbpe" if x.ndim == 3 else "hbpd,hde->hbpe"
     return jnp.einsum(spec, x, W, precision=precision) + b[:, None, None, :]
 
@@ -273,27 +337,37 @@ def queries_keys(cfg: TransformerConfig, block: Block, q_in: Array, k_in: Array,
     q = project_heads(cfg, block, q_in, attn.W_Q, attn.b_Q, precision)
     k = project_heads(cfg, block, k_in, attn.W_K, attn.b_K, precision)
     if attn.q_norm is not None:
-        q = _layer_norm(LayerNorm(attn.q_norm), q, cfg.ln_eps)
-        k = _layer_norm(LayerNorm(attn.k_norm), k, cfg.ln_eps)
+        q = _norm(cfg, LayerNorm(attn.q_norm), q)
+        k = _norm(cfg, LayerNorm(attn.k_norm), k)
     if rot is not None:
         q, k = _rotate(q, rot), _rotate(k, rot)
     return q, k
 
 
 def attention_pattern(cfg: TransformerConfig, layer, q: Array, k: Array, precision) -> Array:
-    """Attention probabilities ``[n_heads, batch, q_pos, k_pos]`` from head-major queries and keys."""
+    """Attention probabilities ``[n_heads, batch, q_pos, k_pos]`` from head-major queries and keys.
+
+    Scores are ``q . k / attn_scale``, soft-capped (``attn_softcap``), then masked: causal, and with
+    the layer's sliding window a query at i reads keys j with ``i - j < window`` (HF's
+    ``sliding_window_overlay``: ``kv_idx > q_idx - sliding_window``). ``layer`` may be traced.
+    """
     scale = cfg.attn_scale
     if cfg.scale_attn_by_inverse_layer_idx:
         scale = scale * (jnp.asarray(layer) + 1).astype(q.dtype)
-    scores = jnp.einsum("hbqe,hbke->hbqk", q, k, precision=precision) / scale
-    if cfg.causal or cfg.sliding_window is not None:
+    scores = _softcap(jnp.einsum("hbqe,hbke->hbqk", q, k, precision=precision) / scale, cfg.attn_softcap)
+    windows = cfg.layer_windows
+    if cfg.causal or any(w is not None for w in windows):
         n = scores.shape[-1]
         i, j = np.arange(n)[:, None], np.arange(n)[None, :]
         allowed = np.ones((n, n), bool)
         if cfg.causal:
             allowed &= j <= i
-        if cfg.sliding_window is not None:
-            allowed &= i - j < cfg.sliding_window
+        if len(set(windows)) == 1:  # one window (or none) for every layer: a constant mask
+            if windows[0] is not None:
+                allowed &= i - j < windows[0]
+        else:  # per-layer windows, looked up by the (possibly traced) layer; i - j < n always holds
+            table = jnp.asarray([n if w is None else w for w in windows])
+            allowed = jnp.asarray(allowed) & (jnp.asarray(i - j) < table[layer])
         scores = jnp.where(jnp.asarray(allowed)[None, None], scores, jnp.finfo(scores.dtype).min)
     return jax.nn.softmax(_at_least_f32(scores), axis=-1).astype(q.dtype)
 
@@ -324,24 +398,41 @@ def _attention(
     return jnp.einsum("hbqk,hbke->hbqe", pattern, v, precision=precision)
 
 
+def _head_sources(cfg: TransformerConfig, block: Block, results: Float[Array, "n_heads batch pos d_model"]) -> Array:
+    """Each head's source value from its output ``z_h @ W_O[h]``: the output itself, or with a norm
+    after attention (Gemma-2) its share of the normalised sum, the scale taken from these heads."""
+    return results if block.ln1_post is None else _post_norm_shares(cfg, block.ln1_post, results)
+
+
+def _attention_output(cfg: TransformerConfig, block: Block, summed: Float[Array, "batch pos d_model"]) -> Array:
+    """What one layer's attention adds to the residual, from the sum of its heads' ``z_h @ W_O[h]``:
+    plus ``b_O``, or normalised (post norm), as the model computes it."""
+    if block.ln1_post is not None:
+        return _norm(cfg, block.ln1_post, summed)
+    return summed + _lead(block.attn.b_O, 3)
+
+
 def _mlp(cfg: TransformerConfig, block: Block, x: Array, precision) -> Float[Array, "batch pos d_model"]:
+    """The MLP's source value: its output, normalised when the model has post norms (one source, so
+    the normalised output is all of it)."""
     mlp = block.mlp
-    x = _layer_norm(block.ln2, x, cfg.ln_eps)
+    x = _norm(cfg, block.ln2, x)
     h = jnp.einsum("bpd,dm->bpm", x, mlp.W_in, precision=precision) + _lead(mlp.b_in, 3)
     if mlp.W_gate is None:
         h = _activation(cfg.act_fn, h)
     else:
         gate = jnp.einsum("bpd,dm->bpm", x, mlp.W_gate, precision=precision) + _lead(mlp.b_gate, 3)
         h = _activation(cfg.act_fn, gate) * h
-    return jnp.einsum("bpm,md->bpd", h, mlp.W_out, precision=precision) + _lead(mlp.b_out, 3)
+    out = jnp.einsum("bpm,md->bpd", h, mlp.W_out, precision=precision) + _lead(mlp.b_out, 3)
+    return _norm(cfg, block.ln2_post, out)
 
 
 def _unembed(model: Transformer, x: Array, positions: Array | None) -> Array:
     if positions is not None:
         x = jnp.take_along_axis(x, positions[:, :, None], axis=1)
-    x = _layer_norm(model.ln_final, x, model.config.ln_eps)
+    x = _norm(model.config, model.ln_final, x)
     logits = jnp.einsum("bpd,dv->bpv", x, model.W_U, precision=model.precision)
-    return logits + _lead(model.unembed.b_U, 3)
+    return _softcap(logits + _lead(model.unembed.b_U, 3), model.config.logit_softcap)
 
 
 def _block_at(model: Transformer, layer) -> Block:
@@ -424,12 +515,14 @@ def _residual_forward(model, tokens, positions, pos_ids, collect: bool):
         block, layer = inputs
         z = _attention(cfg, block, layer, x, x, x, precision, rot=rot)
         x_before = x
+        # the residual gets the attention output as the model computes it (summed, then normed);
+        # the per-head source values are collected beside it
         if collect:
             results = jnp.einsum("hbqe,hed->hbqd", z, block.attn.W_O, precision=precision)
-            x = x + (results.sum(0) + _lead(block.attn.b_O, 3))
+            x = x + _attention_output(cfg, block, results.sum(0))
         else:
-            x = x + jnp.einsum("hbqe,hed->bqd", z, block.attn.W_O, precision=precision) + _lead(block.attn.b_O, 3)
-        outs = [results] if collect else []
+            x = x + _attention_output(cfg, block, jnp.einsum("hbqe,hed->bqd", z, block.attn.W_O, precision=precision))
+        outs = [_head_sources(cfg, block, results)] if collect else []
         if cfg.has_mlp:
             m = _mlp(cfg, block, x_before if cfg.parallel else x, precision)  # parallel: the same residual as the heads
             x = x + m
@@ -495,8 +588,9 @@ class Ablation(eqx.Module):
                 f"d_model={cfg.d_model}], got {values.shape}"
             )
         per_layer = values[1:].reshape((L, H + M) + values.shape[1:])
-        b_O = model.blocks.attn.b_O.reshape((L, 1, 1, cfg.d_model))
-        heads = per_layer[:, :H].sum(1) + b_O
+        heads = per_layer[:, :H].sum(1)
+        if model.blocks.attn.b_O is not None:  # None with post norms: the heads' shares are all of it
+            heads = heads + model.blocks.attn.b_O.reshape((L, 1, 1, cfg.d_model))
         layer_total = heads + per_layer[:, H] if M else heads
         before = jnp.cumsum(layer_total, axis=0)
         start = values[0][None]
@@ -602,7 +696,8 @@ def gated_forward(
         in_d = sum_s g[d,s] * x_s + (1 - g[d,s]) * x~_s  (+ b_O of earlier layers)
              = base_d + sum_s g[d,s] * (x_s - x~_s)
 
-    where ``x_s`` is source s in this run and ``x~_s = ablation.values[s]``. The differences
+    where ``x_s`` is source s in this run and ``x~_s = ablation.values[s]`` (after a post norm, a
+    head's ``x_s`` is its share with this run's scale: see the module docstring). The differences
     ``delta_s = x_s - x~_s`` live in one buffer ``[n_sources, batch, pos, d_model]`` that each
     layer reads with one einsum and writes its own sources into.
 
@@ -685,7 +780,9 @@ def gated_forward(
                 q_in = k_in = v_in = inputs
         offset = None if probes.pattern_offset is None else probes.pattern_offset[layer]
         z = _attention(cfg, block, layer, q_in, k_in, v_in, precision, offset, rot)
-        results = _dropped(jnp.einsum("hbqe,hed->hbqd", z, block.attn.W_O, precision=precision), layer, probes.drop_layer)
+        # with a post norm, each head's share uses the scale of the heads this run computed
+        results = jnp.einsum("hbqe,hed->hbqd", z, block.attn.W_O, precision=precision)
+        results = _dropped(_head_sources(cfg, block, results), layer, probes.drop_layer)
         ablated = lax.dynamic_slice_in_dim(ablation.values, first, H, axis=0)
         deltas = lax.dynamic_update_slice_in_dim(deltas, results - ablated, first, axis=0)
         if M:

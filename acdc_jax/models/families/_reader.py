@@ -104,3 +104,26 @@ def rope_settings(hf: dict, d_head: int, family: str) -> dict:
     else:
         raise LoadError(f"{family}: rope type {kind!r} is not supported (supported: default, linear, llama3)")
     return {"rotary_base": float(base), "rotary_dim": int(d_head * fraction), "rope_scaling": scaling}
+
+
+def layer_windows(hf: dict, n_layers: int, window: int | None, sliding_by_default, family: str):
+    """Our ``sliding_window`` from a config's window and its layer pattern: ``layer_types`` (transformers
+    >= 5 writes one ``"sliding_attention"``/``"full_attention"`` per layer) or, in older files,
+    ``sliding_by_default(layer)``. One int when every layer slides, a per-layer tuple otherwise, None
+    when none does."""
+    from .._loading import LoadError
+
+    if window is None:
+        return None
+    types = hf.get("layer_types")
+    if types is None:
+        types = ["sliding_attention" if sliding_by_default(layer) else "full_attention" for layer in range(n_layers)]
+    if len(types) != n_layers or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise LoadError(
+            f"{family}: layer_types must list 'sliding_attention' or 'full_attention' for each of the "
+            f"{n_layers} layers, got {types!r}"
+        )
+    windows = tuple(int(window) if kind == "sliding_attention" else None for kind in types)
+    if all(w is None for w in windows):
+        return None
+    return windows[0] if len(set(windows)) == 1 else windows
