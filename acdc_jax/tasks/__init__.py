@@ -45,6 +45,13 @@ def register_task(name: str, builder: TaskBuilder) -> None:
     _REGISTRY[name] = builder
 
 
+def get_builder(name: str) -> TaskBuilder:
+    """The builder registered as ``name``."""
+    if name not in _REGISTRY:
+        raise TaskError(f"unknown task {name!r}: known tasks are {', '.join(task_names())}")
+    return _REGISTRY[name]
+
+
 def task_names() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -76,6 +83,7 @@ __all__ = [
     "TaskError",
     "Tokenizer",
     "docstring_task",
+    "get_builder",
     "get_task",
     "gpt2_tokenizer",
     "greater_than_task",
