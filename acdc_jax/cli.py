@@ -448,7 +448,7 @@ def mib_command(
     from . import evaluate, export, methods
     from .graph import GraphError
     from .models import LoadError, TransformerConfig, init_model, load_model, model_directory
-    from .tasks import TaskError, get_task, gpt2_tokenizer, tokenizer_for_model
+    from .tasks import TaskError, get_builder, get_task, gpt2_tokenizer, tokenizer_for_model
 
     if fmt not in export.MIB_SUBMISSION_FORMATS:
         _fail(f"--format must be one of {', '.join(export.MIB_SUBMISSION_FORMATS)}, got {fmt!r}")
@@ -467,6 +467,12 @@ def mib_command(
     for key in ("tokenizer", "n_prompts", "seed"):
         if key in task_options:
             _fail(f"{key} is set by {'--model' if key == 'tokenizer' else '--' + key.replace('n_', '')}, not --task-option")
+    # each task gets the options its builder takes (digits= goes to arithmetic, n_choices= to mcqa)
+    takes = {builder: set(inspect.signature(get_builder(builder)).parameters) for _, builder in chosen}
+    unused = sorted(key for key in task_options if not any(key in names for names in takes.values()))
+    if unused:
+        _fail(f"no chosen task takes the option {', '.join(unused)}; they take "
+              f"{', '.join(sorted(set().union(*takes.values()) - {'n_prompts', 'seed', 'tokenizer'}))}")
     try:
         spec = methods.get_method(method)
         if random_weights:
@@ -504,11 +510,15 @@ def mib_command(
         if foreign:
             _fail(f"{folder} holds {', '.join(foreign)}; MIB's evaluator reads every file of a task folder as a circuit, "
                   "so move them out or write to another --out")
-    console.print(f"prompts tokenized with the {tokenizer.describe()}", soft_wrap=True, markup=False)
+    start = tokenizer.document_start_id
+    console.print(f"prompts tokenized with the {tokenizer.describe()}; MIB-style prompts start with "
+                  + (repr(tokenizer.token_text(start)) if start is not None else "no BOS (the tokenizer has none)"),
+                  soft_wrap=True, markup=False)
 
     for mib_task, builder in chosen:
         try:
-            the_task = get_task(builder, n_prompts=prompts, seed=seed, tokenizer=tokenizer, **task_options)
+            mine = {key: value for key, value in task_options.items() if key in takes[builder]}
+            the_task = get_task(builder, n_prompts=prompts, seed=seed, tokenizer=tokenizer, **mine)
             console.print(f"[bold]{method}[/] on [bold]{mib_task}[/] ({the_task.n_prompts} prompts, {the_task.name}) with "
                           f"{config.name or name}" + (f" [{source}]" if random_weights else ""), soft_wrap=True)
             circuit = methods.discover(the_model, the_task, method, qkv_split=True, ablation="corrupt", score=False, **opts)
@@ -561,7 +571,8 @@ def mib_command(
 
         table = Table(title=f"{mib_task} on {name}: faithfulness ({method}; m(full) {result.signed.full_value:.4g}, "
                             f"m(empty) {result.signed.ablated_value:.4g})")
-        for column in ("fraction", "edges kept", "f, signed ranking", "f, |score| ranking", "MIB's edge count (signed)"):
+        count_label = "MIB's edge count (signed)" if fmt == "scores" else "MIB's edge count"
+        for column in ("fraction", "edges kept", "f, signed ranking", "f, |score| ranking", count_label):
             table.add_column(column, justify="right")
         for i, fraction in enumerate(result.signed.fractions.tolist()):
             table.add_row(f"{fraction:g}", f"{int(result.signed.n_kept[i]):,}", f"{result.signed.faithfulness[i]:.4f}",

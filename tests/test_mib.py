@@ -280,6 +280,7 @@ def test_mib_command_bad_input_gets_a_clear_message(tiny_gpt2, tmp_path):
         (["mib", *model, "--task", "ioi", "--method", "acdc"], "needs --threshold"),
         (["mib", *model, "--task", "ioi", "--method", "eap", "--model-name", "my_model"], "without '_'"),
         (["mib", *model, "--task", "ioi", "--method", "eap", "--task-option", "n_prompts=3"], "not --task-option"),
+        (["mib", *model, "--task", "ioi", "--method", "eap", "--task-option", "digits=1"], "no chosen task takes the option digits"),
         (["mib", "--model", "/nonexistent", "--task", "ioi", "--method", "eap"], "no model"),
     ]
     for args, message in cases:
