@@ -61,6 +61,13 @@ set and scores ``evaluate.edges_from_nodes`` / ``edge_scores_from_nodes`` derive
 when both its nodes are; its score is the smaller). EAP-IG's graph always has one MLP per layer
 and sequential attention/MLP: attention-only models and ``parallel_attn_mlp`` files are refused.
 
+**MIB submissions** (``write_mib_submission``): one folder per task and model,
+``{method}_patching_edge/{task}_{model}/``, as MIB's ``run_attribution.py`` writes and its leaderboard reads
+them, holding either ``importances.json`` (``to_mib`` of the circuit) or nine ``circuit_{k}.json``, the top
+``int(k * n_edges)`` edges at MIB's fractions up to 50% (MIB adds the full model). MIB's evaluator takes every
+file in a task folder for a circuit, so nothing else may be there. Names must not contain ``_`` (MIB splits
+folder and results names there).
+
 Lossy points: the ACDC split embedding (see above); per-head edges written as q/k/v triples (a
 foreign reader sees three equal edges); internal edges and node-level circuits need converting
 for auto-circuit (``fold_internal_edges``, ``edge_circuit_from_nodes``) and internal edges for MIB,
