@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -49,6 +50,24 @@ def _parse_options(pairs: list[str] | None, what: str) -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def _method_options(spec, option: list[str] | None, threshold: float | None, **more) -> tuple[dict, Mapping]:
+    """A method's ``--option`` pairs and ``--threshold``, checked against what its function takes."""
+    opts = _parse_options(option, "--option")
+    accepted = inspect.signature(spec.fn).parameters
+    if threshold is not None:
+        if "threshold" not in accepted:
+            _fail(f"method {spec.name!r} takes no threshold")
+        opts["threshold"] = threshold
+    elif "threshold" in accepted and accepted["threshold"].default is inspect.Parameter.empty:
+        _fail(f"method {spec.name!r} needs --threshold")
+    opts.update({key: value for key, value in more.items() if value is not None})
+    unknown = sorted(set(opts) - set(accepted))
+    if unknown:
+        _fail(f"method {spec.name!r} has no option {', '.join(unknown)}; it takes "
+              f"{', '.join(p for p in accepted if p != 'problem' and not p.startswith('_'))}")
+    return opts, accepted
 
 
 def _fail(message: str) -> None:
@@ -118,19 +137,7 @@ def discover(
         spec = methods.get_method(method)
     except (LoadError, TaskError, ValueError) as err:
         _fail(str(err))
-    opts = _parse_options(option, "--option")
-    accepted = inspect.signature(spec.fn).parameters
-    if threshold is not None:
-        if "threshold" not in accepted:
-            _fail(f"method {method!r} takes no threshold")
-        opts["threshold"] = threshold
-    elif "threshold" in accepted and accepted["threshold"].default is inspect.Parameter.empty:
-        _fail(f"method {method!r} needs --threshold")
-    if checkpoint is not None:
-        opts["checkpoint"] = checkpoint
-    unknown = sorted(set(opts) - set(accepted))
-    if unknown:
-        _fail(f"method {method!r} has no option {', '.join(unknown)}; it takes {', '.join(p for p in accepted if p != 'problem' and not p.startswith('_'))}")
+    opts, accepted = _method_options(spec, option, threshold, checkpoint=checkpoint)
 
     console.print(f"[bold]{method}[/] on [bold]{the_task.name}[/] ({the_task.n_prompts} prompts) with "
                   f"{the_model.config.name or model_name}")
@@ -371,6 +378,212 @@ def export_command(
         _fail(str(err))
     unit = "edges" if loaded.graph.level == "edge" else "nodes"
     console.print(f"wrote {path} ({fmt}: {loaded.n_kept} of {loaded.graph.n_gates} {unit} kept)")
+
+
+_MIB_CONVENTIONS = (
+    "faithfulness f = (m(C) - m(empty)) / (m(full) - m(empty)), m = mean logit difference (answer minus the "
+    "counterfactual's answer) at the last token, removed edges patched with the counterfactual run; circuits: the "
+    "top int(k * n_edges) edges at MIB's fractions k; CPR = trapezoid area under f over k (linear, 0.001..1), "
+    "CMD = trapezoid area of |1 - f|; for an importances file MIB takes CPR from the ranking by signed score and "
+    "CMD from the ranking by |score|, for nine circuits both from those circuits; scores ranked as MIB reads the "
+    "file (float32, untested edges 0)"
+)
+
+
+def _mib_tasks(names: list[str]) -> list[tuple[str, str]]:
+    """(MIB's task name, the acdc-jax builder's name) for each ``--task``."""
+    from .tasks import MIB_TASKS
+
+    ours = {builder: mib for mib, builder in MIB_TASKS.items()}
+    chosen = []
+    for name in names:
+        key = name.replace("_", "-")
+        if key in MIB_TASKS:
+            chosen.append((key, MIB_TASKS[key]))
+        elif key in ours:
+            chosen.append((ours[key], key))
+        else:
+            _fail(f"unknown MIB task {name!r}: choose from {', '.join(MIB_TASKS)} (or {', '.join(ours)}); "
+                  "ARC needs its questions, which are not shipped")
+    return chosen
+
+
+@app.command(name="mib", epilog="""
+Examples:
+
+  acdc-jax mib --model ~/models/gpt2 --task ioi --method eap-ig-inputs --out submission
+
+  acdc-jax mib --model ~/models/llama3 --task arithmetic-addition --task mcqa --method eap --format circuits
+
+  acdc-jax mib --random-weights --small --task ioi --method eap      (a labelled dry run, no weights needed)
+
+Writes OUT/{method}_patching_edge/{task}_{model}/ (importances.json, or nine
+
+circuit_{k}.json) as MIB's leaderboard reads a submission, and next to that
+
+folder {task}_{model}_results.json: faithfulness at MIB's fractions, CPR, CMD.
+""")
+def mib_command(
+    tasks: Annotated[list[str], typer.Option("--task", help="MIB task (repeatable): ioi, mcqa, arithmetic-addition, arithmetic-subtraction.")],
+    method: Annotated[str, typer.Option(help="Discovery method scoring edges (see `acdc-jax info --methods`).")],
+    model: Annotated[Optional[str], typer.Option(help="Model name or local Hugging Face directory (its tokenizer poses the tasks).")] = None,
+    random_weights: Annotated[bool, typer.Option("--random-weights", help="A random GPT-2 with GPT-2's tokenizer: a labelled dry run.")] = False,
+    small: Annotated[bool, typer.Option("--small", help="With --random-weights: a 2-layer, 4-head GPT-2 instead of GPT-2 small's shape.")] = False,
+    out: Annotated[Path, typer.Option(help="Submission folder.")] = Path("mib_submission"),
+    fmt: Annotated[str, typer.Option("--format", help="scores (one importances.json) or circuits (nine thresholded circuits).")] = "scores",
+    rank: Annotated[str, typer.Option(help="circuits: rank edges by signed score or by |score| (absolute).")] = "signed",
+    model_name: Annotated[Optional[str], typer.Option(help="The model's name in the folder (default: MIB's name for its shape, else the folder's).")] = None,
+    prompts: Annotated[int, typer.Option(help="Prompts per task (MIB attributes with 100).")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the generated prompts.")] = 0,
+    threshold: Annotated[Optional[float], typer.Option(help="Pruning threshold (methods that take one).")] = None,
+    option: Annotated[Optional[list[str]], typer.Option(help="Extra method option key=value (repeatable).")] = None,
+    task_option: Annotated[Optional[list[str]], typer.Option(help="Task builder option key=value (repeatable), e.g. digits=1.")] = None,
+) -> None:
+    """Discover circuits for MIB's circuit-localization track and evaluate them as MIB does: write the
+    submission folder per task and model, print and save faithfulness at MIB's edge fractions, CPR and CMD."""
+    import dataclasses
+
+    import jax
+
+    from . import evaluate, export, methods
+    from .graph import GraphError
+    from .models import LoadError, TransformerConfig, init_model, load_model, model_directory
+    from .tasks import TaskError, get_builder, get_task, gpt2_tokenizer, tokenizer_for_model
+
+    if fmt not in export.MIB_SUBMISSION_FORMATS:
+        _fail(f"--format must be one of {', '.join(export.MIB_SUBMISSION_FORMATS)}, got {fmt!r}")
+    if rank not in export.MIB_RANKINGS:
+        _fail(f"--rank must be one of {', '.join(export.MIB_RANKINGS)}, got {rank!r}")
+    if fmt == "scores" and rank != "signed":
+        _fail("--rank applies to --format circuits: an importances file is ranked by MIB itself, both ways")
+    if prompts < 1:
+        _fail(f"--prompts must be positive, got {prompts}")
+    if (model is None) == (not random_weights):
+        _fail("pass --model NAME_OR_DIR, or --random-weights for a labelled dry run (not both)")
+    if small and not random_weights:
+        _fail("--small applies to --random-weights only")
+    chosen = _mib_tasks(tasks)
+    task_options = _parse_options(task_option, "--task-option")
+    for key in ("tokenizer", "n_prompts", "seed"):
+        if key in task_options:
+            _fail(f"{key} is set by {'--model' if key == 'tokenizer' else '--' + key.replace('n_', '')}, not --task-option")
+    # each task gets the options its builder takes (digits= goes to arithmetic, n_choices= to mcqa)
+    takes = {builder: set(inspect.signature(get_builder(builder)).parameters) for _, builder in chosen}
+    unused = sorted(key for key in task_options if not any(key in names for names in takes.values()))
+    if unused:
+        _fail(f"no chosen task takes the option {', '.join(unused)}; they take "
+              f"{', '.join(sorted(set().union(*takes.values()) - {'n_prompts', 'seed', 'tokenizer'}))}")
+    try:
+        spec = methods.get_method(method)
+        if random_weights:
+            config = TransformerConfig.gpt2("gpt2", name="gpt2-random")
+            if small:
+                config = dataclasses.replace(config, n_layers=2, n_heads=4, d_model=32, d_head=8, d_mlp=64, name="gpt2-tiny-random")
+            the_model, tokenizer, source = init_model(config, jax.random.PRNGKey(0)), gpt2_tokenizer(), "random weights (dry run, not a result)"
+            default_name = config.name
+        else:
+            the_model = load_model(model)
+            tokenizer, note = tokenizer_for_model(model_directory(model), the_model.config.d_vocab)
+            if note:
+                console.print(note, soft_wrap=True, markup=False)
+            source = str(model)
+            default_name = export.mib_model_name(the_model.config) or Path(model).name.replace("_", "-")
+    except (LoadError, TaskError, ValueError) as err:
+        _fail(str(err))
+    config = the_model.config
+    if not config.has_mlp or config.parallel:
+        _fail("MIB's graph (EAP-IG's) has an MLP after the attention of every layer; this model is "
+              + ("attention-only" if not config.has_mlp else "built of parallel attention/MLP blocks"))
+    if spec.level != "edge":
+        _fail(f"method {method!r} scores nodes; MIB's edge track needs an edge method (for example eap, eap-ig-inputs, acdc)")
+    name = model_name or default_name
+    if model_name is None and not random_weights and export.mib_model_name(config) is None:
+        console.print(f"the model is not one MIB evaluates ({', '.join(export.MIB_MODELS)}); its folder is named {name!r} "
+                      "(--model-name sets another)", soft_wrap=True, markup=False)
+    opts, _ = _method_options(spec, option, threshold)
+    for mib_task, _ in chosen:  # before any work: names MIB can read, folders holding nothing else
+        try:
+            folder = export.mib_task_folder(out, method, mib_task, name)
+        except ValueError as err:
+            _fail(str(err))
+        foreign = export.mib_foreign_files(folder)
+        if foreign:
+            _fail(f"{folder} holds {', '.join(foreign)}; MIB's evaluator reads every file of a task folder as a circuit, "
+                  "so move them out or write to another --out")
+    start = tokenizer.document_start_id
+    console.print(f"prompts tokenized with the {tokenizer.describe()}; MIB-style prompts start with "
+                  + (repr(tokenizer.token_text(start)) if start is not None else "no BOS (the tokenizer has none)"),
+                  soft_wrap=True, markup=False)
+
+    for mib_task, builder in chosen:
+        try:
+            mine = {key: value for key, value in task_options.items() if key in takes[builder]}
+            the_task = get_task(builder, n_prompts=prompts, seed=seed, tokenizer=tokenizer, **mine)
+            console.print(f"[bold]{method}[/] on [bold]{mib_task}[/] ({the_task.n_prompts} prompts, {the_task.name}) with "
+                          f"{config.name or name}" + (f" [{source}]" if random_weights else ""), soft_wrap=True)
+            circuit = methods.discover(the_model, the_task, method, qkv_split=True, ablation="corrupt", score=False, **opts)
+            per_batch = min(20, the_task.n_prompts)  # MIB's run_attribution --batch-size
+            files = export.write_mib_submission(circuit, out, task=mib_task, model=name, fmt=fmt, ranking=rank,
+                                                d_model=config.d_model, prompts_per_batch=per_batch)
+            console.print(f"wrote {files[0].parent} ({', '.join(f.name for f in files[:2])}{', ...' if len(files) > 2 else ''})",
+                          soft_wrap=True, markup=False)
+            problem = methods.Problem.build(the_model, the_task, qkv_split=True, metric="logit_diff", ablation="corrupt")
+            result = evaluate.mib_evaluation(problem, evaluate.mib_scores(circuit.scores, per_batch))
+        except (LoadError, TaskError, ValueError, GraphError) as err:
+            _fail(str(err))
+        cpr_from = "signed" if fmt == "scores" else rank
+        cmd_from = "absolute" if fmt == "scores" else rank
+        cpr, cmd = result.curve(cpr_from).cpr, result.curve(cmd_from).cmd
+        # MIB's weighted_edge_counts: an importances file's top-n sets after one round of its prune; nine
+        # circuits are counted as the files hold them
+        counts = {"signed": result.pruned_counts_signed, "absolute": result.pruned_counts_absolute}
+        if fmt == "circuits":
+            counts = {key: result.signed.n_kept for key in counts}
+        curves = {"signed": (result.signed, counts["signed"]), "absolute": (result.absolute, counts["absolute"])}
+        document = {
+            "format": "acdc-jax MIB evaluation",
+            "task": mib_task,
+            "acdc_jax_task": the_task.name,
+            "model": name,
+            "model_source": source,
+            "method": method,
+            "on_mib_leaderboard": f"{mib_task}_{name}" in export.MIB_LEADERBOARD,
+            "submission": {"format": fmt, "ranking": rank if fmt == "circuits" else None,
+                           "files": [str(f.relative_to(out)) for f in files], "prompts_per_batch": per_batch},
+            "n_prompts": the_task.n_prompts,
+            "n_edges": problem.graph.n_gates,
+            "metric": "logit_diff",
+            "full_metric": result.signed.full_value,
+            "empty_metric": result.signed.ablated_value,
+            "fractions": result.signed.fractions.tolist(),
+            "n_kept": result.signed.n_kept.tolist(),
+            "curves": {key: {"faithfulness": curve.faithfulness.tolist(), "metric": curve.values.tolist(),
+                             "mib_edge_counts": n.tolist(), "cpr": curve.cpr, "cmd": curve.cmd}
+                       for key, (curve, n) in curves.items()},
+            "cpr": cpr,
+            "cpr_ranking": cpr_from,
+            "cmd": cmd,
+            "cmd_ranking": cmd_from,
+            "conventions": _MIB_CONVENTIONS,
+        }
+        results = out / export.mib_method_folder(method) / f"{mib_task}_{name}_results.json"
+        results.write_text(json.dumps(document, indent=1, allow_nan=False))
+
+        table = Table(title=f"{mib_task} on {name}: faithfulness ({method}; m(full) {result.signed.full_value:.4g}, "
+                            f"m(empty) {result.signed.ablated_value:.4g})")
+        count_label = "MIB's edge count (signed)" if fmt == "scores" else "MIB's edge count"
+        for column in ("fraction", "edges kept", "f, signed ranking", "f, |score| ranking", count_label):
+            table.add_column(column, justify="right")
+        for i, fraction in enumerate(result.signed.fractions.tolist()):
+            table.add_row(f"{fraction:g}", f"{int(result.signed.n_kept[i]):,}", f"{result.signed.faithfulness[i]:.4f}",
+                          f"{result.absolute.faithfulness[i]:.4f}", f"{int(counts['signed'][i]):,}")
+        console.print(table)
+        console.print(f"CPR {cpr:.4f} ({cpr_from} ranking), CMD {cmd:.4f} ({cmd_from} ranking)", soft_wrap=True)
+        console.print(f"wrote {results}", soft_wrap=True, markup=False)
+        if not document["on_mib_leaderboard"] and not random_weights:
+            console.print(f"note: MIB's leaderboard does not score {mib_task} on {name!r}", soft_wrap=True, markup=False)
+    if random_weights:
+        console.print(f"[bold]{source}[/]")
 
 
 @app.command(epilog="""

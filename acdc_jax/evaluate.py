@@ -38,16 +38,37 @@ first of them does). Node-level circuits (Subnetwork Probing style) become edge 
 paper converts SP's masks: an edge is kept when its source node and the node it feeds are kept
 (``logits`` always); as scores, the smaller of the two.
 
-**Faithfulness** (MIB, Mueller et al. 2025; ``MIB_circuit_track/evaluation.py``): for each
-fraction k of the grid ``MIB_FRACTIONS`` (0.1%, 0.2%, 0.5%, 1%, 2%, 5%, 10%, 20%, 50%, 100%) keep
-the top ``n = int(k * n_units)`` units by score (by ``|score|`` with ``absolute=True``; NaN last,
-ties in graph order), ablate the rest, and normalise the metric as
-``f = (m(C_n) - m(empty)) / (m(full) - m(empty))``, so 0 = every unit ablated and 1 = the full
-gated model (both evaluated in the same batch, so they are exactly 0 and 1). CPR is the trapezoid
-area under f over the fractions (x from 0.001 to 1, linear, as MIB's default), higher is better;
-CMD is the trapezoid area of ``|1 - f|``, lower is better. MIB reports CPR with signed scores and
-CMD with absolute scores (``absolute=True``). MIB prunes dangling edges first; we do not: under
-patching ablation that prune does not change the output, and the x axis is the nominal fraction.
+**Faithfulness, CPR and CMD, as MIB computes them** (Mueller et al. 2025; read in hannamw/MIB-circuit-track
+at b759df3, ``MIB_circuit_track/evaluation.py`` ``evaluate_area_under_curve`` and ``run_evaluation.py``, the
+leaderboard's mttk/MIB-circuit-track-autoeval ``eval_submissions.py``, and the EAP-IG commit the track pins,
+7af394a, ``eap/graph.py`` ``apply_topn`` / ``prune`` and ``eap/evaluate.py``). For each fraction k of
+``MIB_FRACTIONS`` (0.1%, 0.2%, 0.5%, 1%, 2%, 5%, 10%, 20%, 50%, 100%) keep the top ``n = int(k * n_units)``
+units (MIB: ``int(pct * len(graph.edges))``, every edge of its graph) by score, or by ``|score|`` with
+``absolute=True`` (NaN last, ties in graph order), ablate the rest, and normalise the metric as
+``f = (m(C_n) - m(empty)) / (m(full) - m(empty))``: ``m`` is the task metric, a mean over prompts (MIB: the
+logit difference of each prompt at its last token, then ``.mean()``), ``m(empty)`` has every unit ablated
+(MIB: ``apply_topn(0)``, each edge patched with the counterfactual run) and ``m(full)`` none (MIB: the
+unpatched model). Here both come from the same batch as the curve, so f is exactly 0 and 1 at its ends.
+CPR is the trapezoid area under f over the ten fractions, ``sum_i (k_{i+1} - k_i) (f_i + f_{i+1}) / 2``, x
+the fraction itself on a linear axis from 0.001 to 1 with no point at 0 (MIB's ``log_scale`` defaults to
+off and neither the track's ``run_evaluation.py`` nor the leaderboard passes it); higher is better. CMD is
+the same trapezoid of ``|1 - f_i|``: absolute values at the points, so a segment on which f crosses 1 counts
+``(|1 - f_i| + |1 - f_{i+1}|) / 2`` per unit of x, not the integral of ``|1 - f|``; lower is better. MIB
+reports CPR from the ranking by signed score (``--absolute`` off) and CMD from the ranking by ``|score|``
+(the leaderboard evaluates both and takes CPR from ``abs-False``, CMD from ``abs-True``):
+``mib_evaluation`` runs both curves. A submission of nine fixed circuits (MIB's other format) is scored
+from one curve: its circuits' faithfulness at 0.1% .. 50% and 1 at 100%.
+
+Where this differs from MIB, and why it does not change the numbers: MIB prunes dangling edges before it
+evaluates a circuit (``Graph.prune``: repeatedly drop nodes without a kept edge in or out, ``input`` always
+counting as fed, then edges whose node at either end is out). Under patching that leaves the output as it
+is: a node without a kept edge out reaches nothing, and a node without a kept edge in reads only the
+counterfactual's activations, so it computes its counterfactual output, which is what its ablated edges
+deliver anyway. So the curves here are evaluated without it; ``prune_dangling`` reproduces it for MIB's
+edge counts (its ``weighted_edge_counts``, which the commits MIB pins take after one round of the prune),
+and the tests check the claim on a model, for one round and for the prune run to its end. MIB reads scores
+into float32 and sorts them with ``torch.argsort`` (ties in no specified order); ``mib_scores`` gives the
+scores as MIB reads an exported file (NaN written as 0, float32), ranked here with ties in graph order.
 
 **KL to clean**: KL(clean model || circuit) at the task's read positions, mean over prompts and
 read positions (``metrics.kl_divergence``), the circuit's kept units at 1 and the rest ablated.
@@ -582,6 +603,98 @@ def _metric_for(problem: Problem, name: str) -> Metric:
 
 
 # --------------------------------------------------------------------------------------------
+# MIB's evaluation: both curves, pruned edge counts
+
+
+def _check_mib_graph(graph: Graph) -> None:
+    if graph.level != "edge" or not graph.qkv_split or graph.internal_edges or not graph.has_mlp:
+        raise ValueError(
+            f"MIB's edge graph has separate q/k/v inputs, an MLP per layer and no internal edges; this is the "
+            f"{graph.describe()}"
+        )
+
+
+def mib_scores(scores, prompts_per_batch: int = 1) -> np.ndarray:
+    """The scores as MIB reads them from an exported importances file (``export.to_mib``): NaN written as
+    0, divided by ``prompts_per_batch``, rounded to float32 (EAP-IG's score tensor)."""
+    scores = np.nan_to_num(np.asarray(scores, np.float64), nan=0.0) / float(prompts_per_batch)
+    return scores.astype(np.float32).astype(np.float64)
+
+
+def prune_dangling(graph: Graph, kept, *, rounds: int | None = 1) -> np.ndarray:
+    """MIB's ``Graph.prune`` on a kept edge set: a node (``embed``, a head, an MLP) stays only with a kept edge
+    out and one into it (``embed`` always counts as fed), and an edge only when the nodes at both ends stay
+    (``logits`` always does). Returns the pruned mask.
+
+    ``rounds=1`` is what the EAP-IG commits MIB pins (7af394a in the track, 61367f1 in the leaderboard)
+    count: after ``apply_topn`` has set the nodes, their ``prune`` loop stops after one pass of edge
+    removal. ``rounds=None`` repeats until nothing changes, as EAP-IG does since 795f560 (PR #17).
+    """
+    _check_mib_graph(graph)
+    src, fed = _edge_endpoint_nodes(graph)
+    kept = np.asarray(kept, bool)
+    if kept.shape != src.shape:
+        raise ValueError(f"need one flag per edge ({src.shape[0]}), got {kept.shape}")
+    if rounds is not None and rounds < 1:
+        raise ValueError(f"rounds must be a positive int or None, got {rounds!r}")
+    into_logits = fed < 0
+    fed_index = np.maximum(fed, 0)
+    done = 0
+    while rounds is None or done < rounds:
+        has_out = np.zeros(graph.n_sources, bool)
+        has_out[src[kept]] = True
+        has_in = np.zeros(graph.n_sources, bool)
+        has_in[fed_index[kept & ~into_logits]] = True
+        has_in[0] = True  # embed (MIB's input node)
+        alive = has_out & has_in
+        pruned = kept & alive[src] & (into_logits | alive[fed_index])
+        done += 1
+        if np.array_equal(pruned, kept):
+            break
+        kept = pruned
+    return pruned
+
+
+@dataclasses.dataclass(frozen=True)
+class MIBEvaluation:
+    """MIB's two curves of one set of scores: ``signed`` (ranked by score, its CPR) and ``absolute``
+    (ranked by ``|score|``, its CMD), and the edges each top-n set keeps after ``prune_dangling`` (one
+    round: the ``weighted_edge_counts`` MIB records for an importances file)."""
+
+    signed: FaithfulnessCurve
+    absolute: FaithfulnessCurve
+    pruned_counts_signed: np.ndarray
+    pruned_counts_absolute: np.ndarray
+
+    @property
+    def cpr(self) -> float:
+        return self.signed.cpr
+
+    @property
+    def cmd(self) -> float:
+        return self.absolute.cmd
+
+    def curve(self, ranking: str) -> FaithfulnessCurve:
+        if ranking not in ("signed", "absolute"):
+            raise ValueError(f"ranking must be 'signed' or 'absolute', got {ranking!r}")
+        return self.signed if ranking == "signed" else self.absolute
+
+
+def mib_evaluation(problem: Problem, scores, *, chunk_size: int | None = None) -> MIBEvaluation:
+    """MIB's faithfulness curves of ``scores`` (give them as MIB reads them: ``mib_scores``) on ``problem``
+    (a q/k/v-split edge graph; MIB's metric is the task's logit difference, under patching)."""
+    _check_mib_graph(problem.graph)
+    scores = np.asarray(scores.scores if isinstance(scores, Circuit) else scores, np.float64)
+    curves, counts = [], []
+    for absolute in (False, True):
+        curve = faithfulness_curve(problem, scores, absolute=absolute, chunk_size=chunk_size)
+        rank = ranking(scores, absolute)
+        counts.append(np.array([int(prune_dangling(problem.graph, rank < n).sum()) for n in curve.n_kept.tolist()]))
+        curves.append(curve)
+    return MIBEvaluation(curves[0], curves[1], counts[0], counts[1])
+
+
+# --------------------------------------------------------------------------------------------
 # KL to the clean model
 
 
@@ -700,6 +813,7 @@ from .methods._problem import Problem  # noqa: E402
 __all__ = [
     "MIB_FRACTIONS",
     "FaithfulnessCurve",
+    "MIBEvaluation",
     "RocCurve",
     "ThresholdFamily",
     "acdc_family",
@@ -710,6 +824,8 @@ __all__ = [
     "edges_from_nodes",
     "faithfulness_curve",
     "kl_to_clean",
+    "mib_evaluation",
+    "mib_scores",
     "node_names",
     "node_scores_from_edges",
     "nodes_from_edges",
@@ -717,6 +833,7 @@ __all__ = [
     "plot_faithfulness",
     "plot_roc",
     "precision_recall",
+    "prune_dangling",
     "ranking",
     "reference_labels",
     "roc_auc",

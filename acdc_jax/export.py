@@ -61,6 +61,13 @@ set and scores ``evaluate.edges_from_nodes`` / ``edge_scores_from_nodes`` derive
 when both its nodes are; its score is the smaller). EAP-IG's graph always has one MLP per layer
 and sequential attention/MLP: attention-only models and ``parallel_attn_mlp`` files are refused.
 
+**MIB submissions** (``write_mib_submission``): one folder per task and model,
+``{method}_patching_edge/{task}_{model}/``, as MIB's ``run_attribution.py`` writes and its leaderboard reads
+them, holding either ``importances.json`` (``to_mib`` of the circuit) or nine ``circuit_{k}.json``, the top
+``int(k * n_edges)`` edges at MIB's fractions up to 50% (MIB adds the full model). MIB's evaluator takes every
+file in a task folder for a circuit, so nothing else may be there. Names must not contain ``_`` (MIB splits
+folder and results names there).
+
 Lossy points: the ACDC split embedding (see above); per-head edges written as q/k/v triples (a
 foreign reader sees three equal edges); internal edges and node-level circuits need converting
 for auto-circuit (``fold_internal_edges``, ``edge_circuit_from_nodes``) and internal edges for MIB,
@@ -845,6 +852,129 @@ def from_mib(data: dict, *, level: str | None = None, prompts_per_batch: int | N
     return _assemble(graph, scores, kept, meta, "mib")
 
 
+# ---------------------------------------------------------------------------------------- MIB submissions
+
+MIB_SUBMISSION_FORMATS = ("scores", "circuits")
+MIB_RANKINGS = ("signed", "absolute")
+MIB_IMPORTANCES = "importances.json"
+# MIB's task and model names of a submission folder (MIB_circuit_track/utils.py: TASKS_TO_HF_NAMES with "_"
+# written "-", MODEL_NAME_TO_FULLNAME) and the task/model pairs its leaderboard scores (COL_MAPPING)
+MIB_MODELS = ("gpt2", "qwen2.5", "gemma2", "llama3")
+MIB_LEADERBOARD = (
+    "ioi_gpt2", "ioi_qwen2.5", "ioi_gemma2", "ioi_llama3", "mcqa_qwen2.5", "mcqa_gemma2", "mcqa_llama3",
+    "arithmetic-addition_llama3", "arithmetic-subtraction_llama3", "arc-easy_gemma2", "arc-easy_llama3",
+    "arc-challenge_llama3",
+)  # fmt: skip
+
+
+# (n_layers, n_heads, d_model, vocabulary) of the models MIB evaluates, by MIB's name; gemma2 does not load here yet
+MIB_MODEL_SHAPES = {
+    "gpt2": (12, 12, 768, 50257),
+    "qwen2.5": (24, 14, 896, 151936),
+    "gemma2": (26, 8, 2304, 256000),
+    "llama3": (32, 32, 4096, 128256),
+}
+
+
+def mib_model_name(config) -> str | None:
+    """MIB's name for a model of this shape (``gpt2``, ``qwen2.5``, ``gemma2``, ``llama3``), else None."""
+    shape = (config.n_layers, config.n_heads, config.d_model, config.d_vocab)
+    return next((name for name, known in MIB_MODEL_SHAPES.items() if known == shape), None)
+
+
+def mib_method_folder(method: str, ablation: str = "patching", level: str = "edge") -> str:
+    """MIB's name for a method's folder: ``{method}_{ablation}_{level}`` (``run_attribution.py``)."""
+    return f"{method}_{ablation}_{level}"
+
+
+def mib_circuit_file(fraction: float) -> str:
+    return f"circuit_{fraction:g}.json"
+
+
+def check_mib_name(kind: str, name: str) -> str:
+    """``name`` if it can name an MIB submission folder (MIB splits folder and results names at ``_``)."""
+    if not name or "_" in name or "/" in name or name.strip() != name:
+        raise ExportError(
+            f"MIB's {kind} name {name!r} cannot name a submission folder: MIB splits folder and results names at '_', "
+            "so a name must be non-empty, without '_', '/' or surrounding spaces (write '-' for '_')"
+        )
+    return name
+
+
+def mib_task_folder(out: str | os.PathLike, method: str, task: str, model: str) -> Path:
+    """``out/{method}_patching_edge/{task}_{model}``: one task/model folder of an MIB submission."""
+    method_folder = mib_method_folder(check_mib_name("method", method))
+    return Path(out) / method_folder / f"{check_mib_name('task', task)}_{check_mib_name('model', model)}"
+
+
+def _mib_files() -> set[str]:
+    from .evaluate import MIB_FRACTIONS
+
+    return {MIB_IMPORTANCES} | {mib_circuit_file(k) for k in MIB_FRACTIONS[:-1]}
+
+
+def mib_foreign_files(folder: str | os.PathLike) -> list[str]:
+    """Files in a task folder that ``write_mib_submission`` did not write (MIB would read them as circuits)."""
+    folder = Path(folder)
+    return sorted(p.name for p in folder.iterdir() if p.name not in _mib_files()) if folder.is_dir() else []
+
+
+def write_mib_submission(
+    circuit: Circuit,
+    out: str | os.PathLike,
+    *,
+    task: str,
+    model: str,
+    fmt: str = "scores",
+    ranking: str = "signed",
+    d_model: int | None = None,
+    prompts_per_batch: int = 1,
+) -> list[Path]:
+    """Write a circuit as one task/model folder of an MIB submission: ``out/{method}_patching_edge/{task}_{model}/``.
+
+    ``fmt="scores"``: one ``importances.json``, every edge's score (``to_mib``: MIB's names, sign and
+    scale); MIB ranks them itself. ``fmt="circuits"``: nine files ``circuit_{k}.json``, the top
+    ``int(k * n_edges)`` edges by score (``ranking="signed"``) or ``|score|`` (``"absolute"``) for each
+    fraction k of ``MIB_FRACTIONS`` up to 0.5, ranked as MIB would rank the importances file
+    (``evaluate.mib_scores``); MIB adds the full model at 100%. MIB's evaluator takes every file in a
+    task folder for a circuit, so nothing else may be there: files this function writes are replaced,
+    any other file is an error. Returns the files written.
+    """
+    from .evaluate import MIB_FRACTIONS, mib_scores
+    from .evaluate import ranking as rank_units
+
+    if fmt not in MIB_SUBMISSION_FORMATS:
+        raise ExportError(f"the MIB submission format must be one of {', '.join(MIB_SUBMISSION_FORMATS)}, got {fmt!r}")
+    if ranking not in MIB_RANKINGS:
+        raise ExportError(f"the ranking must be one of {', '.join(MIB_RANKINGS)}, got {ranking!r}")
+    if circuit.graph.level != "edge" or not circuit.graph.qkv_split:
+        raise ExportError(f"an MIB edge submission needs a q/k/v-split edge circuit; this one is on the {circuit.graph.describe()}")
+    folder = mib_task_folder(out, circuit.method, task, model)
+    foreign = mib_foreign_files(folder)
+    if foreign:
+        raise ExportError(
+            f"{folder} holds {', '.join(foreign)}; MIB's evaluator reads every file of a task folder as a circuit, "
+            "so move them out or write to another --out"
+        )
+    for name in _mib_files():
+        (folder / name).unlink(missing_ok=True)
+    documents: dict[str, dict] = {}
+    if fmt == "scores":
+        documents[MIB_IMPORTANCES] = to_mib(circuit, d_model=d_model, prompts_per_batch=prompts_per_batch)
+    else:
+        order = rank_units(mib_scores(circuit.scores, prompts_per_batch), absolute=ranking == "absolute")
+        names = np.array(circuit.graph.gate_names)
+        for k in MIB_FRACTIONS[:-1]:
+            top = dataclasses.replace(circuit, kept=tuple(names[order < int(k * circuit.graph.n_gates)].tolist()))
+            documents[mib_circuit_file(k)] = to_mib(top, d_model=d_model, prompts_per_batch=prompts_per_batch)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, document in documents.items():
+        (folder / name).write_text(json.dumps(document, allow_nan=False))
+        written.append(folder / name)
+    return written
+
+
 # ---------------------------------------------------------------------------------------- files
 
 
@@ -893,6 +1023,10 @@ def read_circuit(path: str | os.PathLike, fmt: str | None = None, **options) -> 
 __all__ = [
     "EMBED_MODES",
     "FORMATS",
+    "MIB_LEADERBOARD",
+    "MIB_MODELS",
+    "MIB_RANKINGS",
+    "MIB_SUBMISSION_FORMATS",
     "ExportError",
     "acdc_edge_keys",
     "detect_format",
@@ -905,6 +1039,12 @@ __all__ = [
     "from_mib",
     "import_circuit",
     "infer_d_model",
+    "check_mib_name",
+    "mib_circuit_file",
+    "mib_foreign_files",
+    "mib_method_folder",
+    "mib_model_name",
+    "mib_task_folder",
     "owner",
     "parse_node",
     "read_circuit",
@@ -912,4 +1052,5 @@ __all__ = [
     "to_autocircuit",
     "to_mib",
     "write_circuit",
+    "write_mib_submission",
 ]

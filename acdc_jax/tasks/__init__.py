@@ -1,7 +1,8 @@
 """Tasks by name: each module builds a ``Task`` (prompts, read positions, metric, canonical circuit).
 
 A path to a JSON task file (``custom.py``) is a task name too. The text tasks (IOI, Greater-Than,
-Docstring) take a ``tokenizer`` (``load_tokenizer(model_folder)``; default GPT-2's).
+Docstring, the MIB-style tasks of ``mib.py``) take a ``tokenizer`` (``load_tokenizer(model_folder)``;
+default GPT-2's).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .docstring import docstring_task
 from .greaterthan import greater_than_task
 from .induction import induction_task
 from .ioi import ioi_task
+from .mib import MIB_TASKS, mib_addition_task, mib_arithmetic_task, mib_ioi_task, mib_mcqa_task, mib_subtraction_task
 from .tracr import tracr_reverse, tracr_task, tracr_xproportion
 
 TaskBuilder = Callable[..., Task]
@@ -30,12 +32,24 @@ _REGISTRY: dict[str, TaskBuilder] = {
     "ioi": ioi_task,
     "greater-than": greater_than_task,
     "docstring": docstring_task,
+    "mib-ioi": mib_ioi_task,
+    "mib-mcqa": mib_mcqa_task,
+    "mib-arithmetic": mib_arithmetic_task,
+    "mib-arithmetic-addition": mib_addition_task,
+    "mib-arithmetic-subtraction": mib_subtraction_task,
 }
 
 
 def register_task(name: str, builder: TaskBuilder) -> None:
     """Make ``get_task(name, **kwargs)`` call ``builder(**kwargs)``."""
     _REGISTRY[name] = builder
+
+
+def get_builder(name: str) -> TaskBuilder:
+    """The builder registered as ``name``."""
+    if name not in _REGISTRY:
+        raise TaskError(f"unknown task {name!r}: known tasks are {', '.join(task_names())}")
+    return _REGISTRY[name]
 
 
 def task_names() -> list[str]:
@@ -63,11 +77,13 @@ def get_task(name: str | os.PathLike | Task, **kwargs) -> Task:
 
 __all__ = [
     "ABLATIONS",
+    "MIB_TASKS",
     "CanonicalCircuit",
     "Task",
     "TaskError",
     "Tokenizer",
     "docstring_task",
+    "get_builder",
     "get_task",
     "gpt2_tokenizer",
     "greater_than_task",
@@ -75,6 +91,11 @@ __all__ = [
     "ioi_task",
     "load_task_json",
     "load_tokenizer",
+    "mib_addition_task",
+    "mib_arithmetic_task",
+    "mib_ioi_task",
+    "mib_mcqa_task",
+    "mib_subtraction_task",
     "register_task",
     "save_task_json",
     "task_from_dict",
