@@ -230,8 +230,12 @@ def info(
     model: Annotated[Optional[str], typer.Option(help="Model name or directory: print its config and graph sizes.")] = None,
     tasks: Annotated[bool, typer.Option("--tasks", help="List the tasks.")] = False,
     methods: Annotated[bool, typer.Option("--methods", help="List the discovery methods.")] = False,
+    prompts: Annotated[Optional[int], typer.Option(help="With --model: the memory a run on this many prompts needs.")] = None,
+    pos: Annotated[int, typer.Option(help="With --prompts: tokens per prompt.")] = 16,
+    dtype: Annotated[str, typer.Option(help="With --prompts: float32 or bfloat16.")] = "float32",
+    devices: Annotated[int, typer.Option(help="With --prompts: devices the prompts are split over.")] = 1,
 ) -> None:
-    """Graph sizes of a model, and the available tasks and methods."""
+    """Graph sizes of a model, the memory a run needs, and the available tasks and methods."""
     from .graph import Graph
     from .methods import get_method, method_names
     from .models import GPT2_SHAPES, LoadError, TransformerConfig, hf_directory_config, load_model
@@ -262,6 +266,8 @@ def info(
         ]:
             table.add_row(label, f"{Graph.from_model(config, **kwargs).n_gates:,}")
         console.print(table)
+        if prompts is not None:
+            _print_memory_plan(config, prompts, pos, dtype, devices)
     if tasks:
         console.print("tasks: " + ", ".join(task_names()) + ", or a task JSON file")
     if methods:
@@ -269,6 +275,33 @@ def info(
             console.print(f"  {name:<16} {get_method(name).summary}")
     if model is None and not tasks and not methods:
         console.print("nothing to show: pass --model, --tasks or --methods")
+
+
+def _print_memory_plan(config, prompts: int, pos: int, dtype: str, devices: int) -> None:
+    from .memory import human, memory_plan, mesh_that_fits
+    from .patching import device_memory_bytes
+
+    sizes = {"float32": 4, "bfloat16": 2}
+    if dtype not in sizes:
+        _fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    try:
+        plan = memory_plan(config, n_prompts=prompts, n_pos=pos, itemsize=sizes[dtype], prompt_devices=devices)
+    except ValueError as err:
+        _fail(str(err))
+    here = device_memory_bytes()
+    table = Table(title=f"memory per device: {prompts} prompts x {pos} tokens, {dtype}, prompts over {devices} "
+                        f"device(s) ({plan['prompts_per_device']} each); weights {human(plan['weights'])}")
+    table.add_column("method")
+    table.add_column("least (chunked)", justify="right")
+    table.add_column("all prompts at once", justify="right")
+    table.add_column(f"fits here ({human(here)} free)?")
+    for name, need in plan["methods"].items():
+        fits = "yes" if need["least"] <= here else "no: " + (
+            f"{n} devices would" if (n := mesh_that_fits(config, here, n_prompts=prompts, n_pos=pos,
+                                                          method=name.split()[0].rstrip(","), itemsize=sizes[dtype]))
+            else "the weights need sharding")
+        table.add_row(name, human(need["least"]), human(need["all_at_once"]), fits)
+    console.print(table)
 
 
 def _load_circuit(path: Path):

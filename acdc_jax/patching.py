@@ -224,11 +224,16 @@ def device_memory_bytes() -> int:
 
 def bytes_per_configuration(run: GatedRun) -> int:
     """Rough peak activation memory of one gated forward: the difference buffer plus one layer's work."""
-    cfg = run.model.config
     batch, n_pos = run.tokens.shape
-    itemsize = jnp.dtype(run.model.dtype).itemsize
+    return activation_bytes(run.model.config, run.graph.n_in, batch, n_pos, jnp.dtype(run.model.dtype).itemsize)
+
+
+def activation_bytes(cfg, n_in: int, batch: int, n_pos: int, itemsize: int) -> int:
+    """``bytes_per_configuration`` from shapes alone: the difference buffer ``[n_sources, batch,
+    pos, d_model]`` plus one layer's work (its ``n_in`` inputs and a few residual-sized
+    temporaries, two attention patterns per head, the MLP's hidden layer twice)."""
     act = batch * n_pos * cfg.d_model * itemsize
-    per_layer = (run.graph.n_in + 4) * act + batch * cfg.n_heads * n_pos * n_pos * itemsize * 2
+    per_layer = (n_in + 4) * act + batch * cfg.n_heads * n_pos * n_pos * itemsize * 2
     if cfg.has_mlp:
         per_layer += 2 * batch * n_pos * cfg.d_mlp * itemsize
     return cfg.n_sources * act + per_layer
