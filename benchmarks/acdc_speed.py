@@ -67,14 +67,21 @@ def main(argv=None):
     parser.add_argument("--fraction", type=float, default=0.01, help="threshold as a fraction of KL(fully ablated)")
     parser.add_argument("--max-batch", type=int, default=None, help="configurations per step (default: the library's)")
     parser.add_argument("--plain", action="store_true", help="also time the plain loop (slow)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="stop the warm run after this many seconds and extrapolate (a sample of the search)")
     args = parser.parse_args(argv)
 
     cfg = TransformerConfig.gpt2("gpt2", n_layers=args.layers, name=f"gpt2-width-{args.layers}l")
     model = aj.init_model(cfg, jax.random.PRNGKey(0), std=0.05)
+    if args.dtype == "bfloat16":
+        model = model.astype(jax.numpy.bfloat16)
     task = random_task(cfg.d_vocab, args.prompts, args.pos)
     problem = Problem.build(model, task, metric="kl")
     threshold = args.fraction * problem.ablated_value()
 
+    if args.time_budget is not None:
+        return sample(problem, threshold, args, cfg)
     start = time.perf_counter()
     acdc(problem, threshold=threshold, max_batch=args.max_batch)
     cold_s = time.perf_counter() - start
@@ -109,10 +116,50 @@ def main(argv=None):
         results |= {"plain_s": plain_s, "plain_evaluations": evaluations, "speedup": plain_s / warm_s,
                     "identical_circuit": kept == set(warm.kept)}
     settings = {"model": cfg.name, "prompts": args.prompts, "pos": args.pos, "threshold": f"{threshold:.3g}",
-                "max_batch": args.max_batch or "default", "graph": "q/k/v-split"}
+                "max_batch": args.max_batch or "default", "graph": "q/k/v-split", "dtype": args.dtype}
     entry = record("acdc_speed", settings, results)
     for k, v in entry["results"].items():
         print(f"{k:>22}: {v}")
+
+
+class _Budget(Exception):
+    pass
+
+
+def sample(problem: Problem, threshold: float, args, cfg) -> None:
+    """A timed sample of the search (warm), and the whole run extrapolated from its rate per
+    forward-equivalent to the upper bound of the work (every edge tested once)."""
+    seen = {}
+
+    def stop_after(budget):
+        started = time.perf_counter()
+
+        def progress(state):
+            seen.update(state, seconds=time.perf_counter() - started)
+            if seen["seconds"] > budget:
+                raise _Budget
+
+        return progress
+
+    for budget in (min(5.0, args.time_budget), args.time_budget):  # the first compiles
+        try:
+            acdc(problem, threshold=threshold, max_batch=args.max_batch, progress=stop_after(budget))
+        except _Budget:
+            pass
+    graph = problem.graph
+    layers = np.concatenate([g.layers for g in visit_order(graph)])
+    all_edges_work = float(((cfg.n_layers + 1 - layers) / (cfg.n_layers + 1)).sum())
+    rate = seen["seconds"] / max(seen["forward_equivalents"], 1e-9)
+    results = {"n_edges": graph.n_gates, "sampled_s": seen["seconds"], "sampled_edges": seen["edges_done"],
+               "sampled_forward_equivalents": seen["forward_equivalents"], "s_per_forward_equivalent": rate,
+               "all_edges_forward_equivalents": round(all_edges_work, 1),
+               "extrapolated_upper_bound_s": rate * all_edges_work, "peak_memory_bytes": peak_memory_bytes()}
+    settings = {"model": cfg.name, "prompts": args.prompts, "pos": args.pos, "threshold": f"{threshold:.3g}",
+                "max_batch": args.max_batch or "default", "graph": "q/k/v-split", "dtype": args.dtype,
+                "sample": f"{args.time_budget:g} s"}
+    entry = record("acdc_speed", settings, results)
+    for k, v in entry["results"].items():
+        print(f"{k:>30}: {v}")
 
 
 if __name__ == "__main__":

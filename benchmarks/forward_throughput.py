@@ -49,10 +49,13 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--qkv-split", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--level", choices=("edge", "node"), default="edge")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args(argv)
 
     cfg = TransformerConfig.gpt2(args.size)
     model = aj.init_model(cfg, jax.random.PRNGKey(0))
+    if args.dtype == "bfloat16":
+        model = model.astype(jax.numpy.bfloat16)
     task = random_task(cfg.d_vocab, args.batch, args.pos)
     graph = aj.Graph.from_model(model, qkv_split=args.qkv_split, level=args.level)
     run = aj.GatedRun(model, graph, task.clean, aj.corrupt_ablation(model, task.corrupt))
@@ -77,7 +80,8 @@ def main(argv=None):
         "ungated_gflop_per_s": mflop_plain * tokens / t_plain["steady_s"] / 1e3,
         "gated_gflop_per_s": mflop_gated * tokens / t_gated["steady_s"] / 1e3,
     }
-    settings = {"model": args.size, "batch": args.batch, "pos": args.pos, "graph": graph.describe().split(" (")[0], "n_gates": graph.n_gates}
+    settings = {"model": args.size, "batch": args.batch, "pos": args.pos, "graph": graph.describe().split(" (")[0], "n_gates": graph.n_gates,
+                "dtype": args.dtype}
     entry = record("forward_throughput", settings, results)
     for k, v in entry["results"].items():
         print(f"{k:>22}: {v:.4g}")

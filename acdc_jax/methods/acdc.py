@@ -396,7 +396,8 @@ def acdc(
     - ``checkpoint``: a JSON file written every ``checkpoint_every`` seconds and at the end; if it
       exists from the same run, the run resumes from it. SIGINT or SIGTERM during the run writes
       it at the end of the current batch and then exits (``KeyboardInterrupt``; exit code 143).
-    - ``progress``: called after every batch with ``edges_done``, ``n_edges``, ``kept``, ``metric``.
+    - ``progress``: called after every call of the search with ``edges_done``, ``n_edges``, ``kept``,
+      ``metric`` and ``forward_equivalents`` (the work so far).
     - ``node_prepass``: first run ACDC over nodes at this threshold and search only the edges
       between the nodes it keeps (a cheaper, non-exact first pass); its result is in
       ``circuit.extra["node_prepass"]``.
@@ -469,7 +470,8 @@ def acdc(
 
     def report(done: int):
         if progress is not None:
-            progress({"edges_done": done, "n_edges": n, "kept": int(gates.sum()), "metric": _shown(problem, cur_loss)})
+            progress({"edges_done": done, "n_edges": n, "kept": int(gates.sum()), "metric": _shown(problem, cur_loss),
+                      "forward_equivalents": state.get("work", 0.0)})
         if _guard is not None:  # gates, scores and state agree here: a signal saves and exits
             _guard.stop_if_signalled(save, str(ckpt_path))
 
