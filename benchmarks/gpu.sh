@@ -42,7 +42,7 @@ for dtype in float32 bfloat16; do
     step 90 benchmarks.eap_speed --size $SIZE --prompts $PROMPTS --pos 16 --dtype $dtype --no-dense
 done
 step 60 benchmarks.forward_throughput --size $SIZE --batch $PROMPTS --pos 16 --level node
-step 60 benchmarks.eap_speed --size $SIZE --prompts 8 --pos 15          # with the dense-read comparison
+step 150 benchmarks.eap_speed --size $SIZE --prompts 8 --pos 15         # with the dense-read comparison
 step $((BUDGET + 60)) benchmarks.acdc_speed --layers $LAYERS --prompts $PROMPTS --pos 16 --time-budget $BUDGET
 step 90 benchmarks.acdc_speed --layers 2 --prompts $PROMPTS --pos 16
 step 90 benchmarks.vmap_capacity --configs $CONFIGS --prompts 1 --pos 16

@@ -222,24 +222,15 @@ def wrong_answer(
         extra["weight_scores"] = scores
     if target == "weights":
         # a node-level circuit of the weight scores, evaluated in the task's metric
-        node_problem = task_problem.with_graph(Graph.from_model(task_problem.model, problem.graph.qkv_split, level="node"))
+        scored = task_problem.with_graph(Graph.from_model(task_problem.model, problem.graph.qkv_split, level="node"))
         chosen = extra["weight_scores"][weight_score]
-        signed = np.array([chosen[name] for name in node_problem.graph.gate_names])
-        return attribution_circuit(
-            node_problem,
-            "wrong-answer",
-            signed,
-            absolute=absolute,
-            top_n=top_n,
-            threshold=threshold,
-            started=started,
-            settings=settings | {"weight_score": weight_score, "metric_options": [list(o) for o in task_problem.metric.options]},
-            extra=extra,
-        )
-    dtype = problem.model.dtype
-    signed = -gate_gradients(problem, problem.graph.gates(1.0, dtype)[None], chunk_size=chunk_size)[0]
+        signed = np.array([chosen[name] for name in scored.graph.gate_names])
+        settings |= {"weight_score": weight_score, "metric_options": [list(o) for o in task_problem.metric.options]}
+    else:
+        scored = problem
+        signed = -gate_gradients(problem, problem.graph.gates(1.0, problem.model.dtype)[None], chunk_size=chunk_size)[0]
     circuit = attribution_circuit(
-        problem,
+        scored,
         "wrong-answer",
         signed,
         absolute=absolute,
@@ -249,6 +240,8 @@ def wrong_answer(
         settings=settings,
         extra=extra,
     )
+    if target == "weights":
+        return circuit
     # report the pruned circuit in the task's metric: the wrong-answer losses are symmetric
     # (an inverted circuit can score as well as a correct one)
     circuit.metric = task_problem.metric.name

@@ -139,6 +139,13 @@ class Tokenizer:
             raise TaskError(f"{what} {word!r} is not a single {self.name} token: {self.describe_word(word)}")
         return token
 
+    def single_token_words(self, words, *, shown: int = 4) -> tuple[tuple[str, ...], str]:
+        """The ``words`` that are one token each after a space mid-sentence (``" Mary"``), and for
+        messages how the first ``shown`` of the others tokenize."""
+        kept = tuple(word for word in words if self.single_token_or_none(" " + word) is not None)
+        dropped = [word for word in words if word not in kept]
+        return kept, "; ".join(f"' {word}': {self.describe_word(' ' + word)}" for word in dropped[:shown])
+
     def describe_word(self, word: str) -> str:
         """How ``word`` tokenizes mid-sentence, for messages."""
         ids = self.word_ids(word)

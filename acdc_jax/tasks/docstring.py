@@ -151,11 +151,9 @@ def _render(method: str, description: list[str], def_args: list[str], doc_args: 
 def single_token_variable_names(tokenizer: Tokenizer | None = None) -> tuple[str, ...]:
     """ACDC's variable names that are one token of ``tokenizer`` after a space (GPT-2 keeps all)."""
     tokenizer = tokenizer or gpt2_tokenizer()
-    kept = tuple(name for name in VARIABLE_NAMES if tokenizer.single_token_or_none(" " + name) is not None)
+    kept, shown = tokenizer.single_token_words(VARIABLE_NAMES)
     needed = 1 + _N_NAMES
     if len(kept) < needed:
-        dropped = [name for name in VARIABLE_NAMES if name not in kept]
-        shown = "; ".join(f"' {name}': {tokenizer.describe_word(' ' + name)}" for name in dropped[:4])
         raise TaskError(
             f"Docstring draws {needed} distinct variable names per prompt, each a single token after a space, but "
             f"only {len(kept)} of ACDC's {len(VARIABLE_NAMES)} are single tokens of the {tokenizer.describe()}. "

@@ -139,10 +139,8 @@ def _years(tokenizer: Tokenizer) -> tuple[str, ...]:
 def single_token_nouns(tokenizer: Tokenizer | None = None, *, minimum: int = MIN_NOUNS) -> tuple[str, ...]:
     """ACDC's nouns that are one token of ``tokenizer`` mid-sentence (``" treaty"``); GPT-2 keeps all 120."""
     tokenizer = tokenizer or gpt2_tokenizer()
-    kept = tuple(noun for noun in NOUNS if tokenizer.single_token_or_none(" " + noun) is not None)
+    kept, shown = tokenizer.single_token_words(NOUNS)
     if len(kept) < minimum:
-        dropped = [noun for noun in NOUNS if noun not in kept]
-        shown = "; ".join(f"' {noun}': {tokenizer.describe_word(' ' + noun)}" for noun in dropped[:4])
         raise TaskError(
             f"Greater-Than needs at least {minimum} nouns that are single tokens of the {tokenizer.describe()} "
             f"mid-sentence, but only {len(kept)} of ACDC's {len(NOUNS)} are. For example {shown}"

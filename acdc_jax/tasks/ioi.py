@@ -242,10 +242,8 @@ def single_token_names(tokenizer: Tokenizer | None = None, *, minimum: int = MIN
     ``minimum`` left is a ``TaskError`` that shows how the others tokenize.
     """
     tokenizer = tokenizer or gpt2_tokenizer()
-    kept = tuple(name for name in NAMES if tokenizer.single_token_or_none(" " + name) is not None)
+    kept, shown = tokenizer.single_token_words(NAMES)
     if len(kept) < minimum:
-        dropped = [name for name in NAMES if name not in kept]
-        shown = "; ".join(f"' {name}': {tokenizer.describe_word(' ' + name)}" for name in dropped[:4])
         raise TaskError(
             f"IOI needs at least {minimum} names that are single tokens of the {tokenizer.describe()} as they read "
             f"mid-sentence (' Mary'), but only {len(kept)} of the IOI paper's {len(NAMES)} are"

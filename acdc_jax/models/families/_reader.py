@@ -83,6 +83,26 @@ def build_config(family: str, **fields) -> TransformerConfig:
         raise LoadError(f"config.json describes a {family} model acdc-jax cannot build: {err}") from err
 
 
+def decoder_fields(hf: dict, d_head: int, n_ctx_default: int) -> dict:
+    """The ``TransformerConfig`` fields every rotary decoder's config.json names alike (Llama,
+    Mistral, Qwen, Gemma-2): sizes, the context length, the RMSNorm epsilon, causal rotary
+    attention and a gated MLP."""
+    return dict(
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        d_model=hf["hidden_size"],
+        d_head=d_head,
+        d_mlp=hf["intermediate_size"],
+        d_vocab=hf["vocab_size"],
+        n_ctx=hf.get("max_position_embeddings", n_ctx_default),
+        ln_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        causal=True,
+        positional="rotary",
+        gated_mlp=True,
+    )
+
+
 def rope_settings(hf: dict, d_head: int, family: str) -> dict:
     """``rotary_base``, ``rotary_dim`` and ``rope_scaling`` from either config format: transformers
     >= 5 writes ``rope_parameters`` (``rope_theta``, ``rope_type``, ``partial_rotary_factor`` and

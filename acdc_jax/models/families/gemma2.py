@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from .._config import TransformerConfig
-from ._reader import LayerStack, StateReader, build_config, layer_windows, rope_settings, unembedding
+from ._reader import LayerStack, StateReader, build_config, decoder_fields, layer_windows, rope_settings, unembedding
 from .llama import add_attention, add_gated_mlp
 
 MODEL_TYPES = ("gemma2",)
@@ -44,27 +44,16 @@ def config_from_hf(hf: dict, name: str = "") -> TransformerConfig:
     d_head = hf.get("head_dim") or d_model // n_heads
     return build_config(
         "Gemma-2",
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        d_model=d_model,
-        d_head=d_head,
-        d_mlp=hf["intermediate_size"],
-        d_vocab=hf["vocab_size"],
-        n_ctx=hf.get("max_position_embeddings", 8192),
+        **decoder_fields(hf, d_head, 8192),
         act_fn=_ACTIVATIONS[act],
         normalization="gemma_rms",
         post_norms=True,
-        ln_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        causal=True,
         attn_scale=math.sqrt(hf.get("query_pre_attn_scalar", 256)),
         attn_softcap=hf.get("attn_logit_softcapping"),
         logit_softcap=hf.get("final_logit_softcapping"),
         embed_multiplier=math.sqrt(d_model),
         tied_unembed=bool(hf.get("tie_word_embeddings", True)),
-        positional="rotary",
         **rope_settings(hf, d_head, "Gemma-2"),
-        gated_mlp=True,
         sliding_window=layer_windows(hf, n_layers, hf.get("sliding_window"), lambda layer: layer % 2 == 0, "Gemma-2"),
         name=name,
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._config import TransformerConfig
-from ._reader import LayerStack, StateReader, build_config, layer_windows, rope_settings, unembedding
+from ._reader import LayerStack, StateReader, build_config, decoder_fields, layer_windows, rope_settings, unembedding
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
@@ -45,23 +45,12 @@ def config_from_hf(hf: dict, name: str = "") -> TransformerConfig:
     d_head = hf.get("head_dim") or d_model // n_heads
     return build_config(
         family,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        d_model=d_model,
-        d_head=d_head,
-        d_mlp=hf["intermediate_size"],
-        d_vocab=hf["vocab_size"],
-        n_ctx=hf.get("max_position_embeddings", 2048),
+        **decoder_fields(hf, d_head, 2048),
         act_fn=_ACTIVATIONS[act],
         normalization="rms",
-        ln_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        causal=True,
         tied_unembed=bool(hf.get("tie_word_embeddings", False)),
-        positional="rotary",
         **rope_settings(hf, d_head, family),
         qk_norm=model_type == "qwen3",
-        gated_mlp=True,
         sliding_window=sliding_window,
         name=name,
     )
