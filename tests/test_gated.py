@@ -11,6 +11,7 @@ import acdc_jax as aj
 from acdc_jax.models import run_with_sources
 
 from . import reference
+from .conftest import TINY_CONFIGS
 
 GRAPHS = {
     "qkv": dict(qkv_split=True),
@@ -199,3 +200,45 @@ def test_gated_run_rejects_mismatched_shapes(tiny_model):
     run = aj.GatedRun(tiny_model, graph, clean, aj.zero_ablation(tiny_model))
     with pytest.raises(aj.GraphError, match="gates must have shape"):
         run(jnp.ones(graph.n_gates + 1))
+
+
+TRIM_CONFIGS = {
+    "rotary-gqa-parallel": aj.TransformerConfig(
+        n_layers=2, n_heads=4, n_kv_heads=2, d_model=16, d_head=4, d_mlp=24, d_vocab=29, n_ctx=9, normalization="rms",
+        positional="rotary", gated_mlp=True, act_fn="silu", tied_unembed=False, parallel=True),
+    "post-norms-windows": aj.TransformerConfig(
+        n_layers=2, n_heads=2, n_kv_heads=1, d_model=8, d_head=4, d_mlp=16, d_vocab=29, n_ctx=9, normalization="gemma_rms",
+        post_norms=True, positional="rotary", gated_mlp=True, act_fn="gelu_new", attn_softcap=2.0, logit_softcap=3.0,
+        sliding_window=(None, 3), embed_multiplier=2.0),
+}
+
+
+@pytest.mark.parametrize("name", ["gpt2-like", "tracr-like", *sorted(TRIM_CONFIGS)])
+def test_the_last_layer_at_the_read_positions_equals_the_full_run_there(name):
+    """With a few read positions the gated forward runs its last layer only there (queries, heads and
+    MLP; keys and values everywhere): the logits equal the full run's at those positions, at random
+    gates, on every graph kind and from every (traced) start layer, in float64."""
+    with jax.enable_x64(True):
+        model = aj.init_model({**TINY_CONFIGS, **TRIM_CONFIGS}[name], jax.random.PRNGKey(0), std=0.5)
+        model = jax.tree.map(lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, model)
+        clean, corrupt = _tokens(model), _tokens(model, seed=1)
+        n = clean.shape[1]
+        positions = jnp.asarray([[n - 1, 2], [n - 3, 0], [1, n - 1]])
+        ablation = aj.corrupt_ablation(model, corrupt)
+        for kind in ("qkv", "node"):
+            graph = aj.Graph.from_model(model, **GRAPHS[kind])
+            gates = jnp.asarray(np.random.RandomState(2).uniform(size=graph.n_gates))
+            full = np.take_along_axis(np.asarray(aj.GatedRun(model, graph, clean, ablation)(gates)), np.asarray(positions)[:, :, None], 1)
+            run = aj.GatedRun(model, graph, clean, ablation, positions)
+            np.testing.assert_allclose(run(gates), full, rtol=1e-12, atol=1e-12 * np.abs(full).max())
+        # ACDC's resumed runs: a traced start layer, layers below it on the clean differences
+        graph_q = aj.Graph.from_model(model, **GRAPHS["qkv"])
+        layers = graph_q.edge_layers()
+        run = aj.GatedRun(model, graph_q, clean, ablation, positions)
+        resume = eqx.filter_jit(aj.GatedRun.logits_from)
+        for start in range(model.config.n_layers + 1):
+            later = jnp.where(layers >= start, jnp.asarray(np.random.RandomState(start).uniform(size=layers.shape)), 1.0)
+            expected = np.take_along_axis(np.asarray(aj.GatedRun(model, graph_q, clean, ablation)(later)),
+                                          np.asarray(positions)[:, :, None], 1)
+            got = resume(run, jnp.int32(start), run.clean_deltas(), later)
+            np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12 * np.abs(expected).max())

@@ -330,9 +330,11 @@ def _rotate(x: Array, rot: Rotary) -> Array:
     return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
 
 
-def queries_keys(cfg: TransformerConfig, block: Block, q_in: Array, k_in: Array, rot: Rotary | None, precision):
+def queries_keys(cfg: TransformerConfig, block: Block, q_in: Array, k_in: Array, rot: Rotary | None, precision,
+                 q_rot: Rotary | None = None):
     """Head-major queries and keys as attention scores read them: projected, q/k-normed (Qwen3),
-    rotated (rotary models)."""
+    rotated (rotary models; ``q_rot``: the queries' own rotation when they sit at other positions
+    than the keys)."""
     attn = block.attn
     q = project_heads(cfg, block, q_in, attn.W_Q, attn.b_Q, precision)
     k = project_heads(cfg, block, k_in, attn.W_K, attn.b_K, precision)
@@ -340,16 +342,19 @@ def queries_keys(cfg: TransformerConfig, block: Block, q_in: Array, k_in: Array,
         q = _norm(cfg, LayerNorm(attn.q_norm), q)
         k = _norm(cfg, LayerNorm(attn.k_norm), k)
     if rot is not None:
-        q, k = _rotate(q, rot), _rotate(k, rot)
+        q, k = _rotate(q, rot if q_rot is None else q_rot), _rotate(k, rot)
     return q, k
 
 
-def attention_pattern(cfg: TransformerConfig, layer, q: Array, k: Array, precision) -> Array:
+def attention_pattern(cfg: TransformerConfig, layer, q: Array, k: Array, precision,
+                      q_positions: Array | None = None) -> Array:
     """Attention probabilities ``[n_heads, batch, q_pos, k_pos]`` from head-major queries and keys.
 
     Scores are ``q . k / attn_scale``, soft-capped (``attn_softcap``), then masked: causal, and with
     the layer's sliding window a query at i reads keys j with ``i - j < window`` (HF's
     ``sliding_window_overlay``: ``kv_idx > q_idx - sliding_window``). ``layer`` may be traced.
+    ``q_positions`` ``[batch, q_pos]``: the queries' positions when they are not ``0..k_pos-1``
+    (the gated forward's last layer computes only the positions the metric reads).
     """
     scale = cfg.attn_scale
     if cfg.scale_attn_by_inverse_layer_idx:
@@ -358,17 +363,20 @@ def attention_pattern(cfg: TransformerConfig, layer, q: Array, k: Array, precisi
     windows = cfg.layer_windows
     if cfg.causal or any(w is not None for w in windows):
         n = scores.shape[-1]
-        i, j = np.arange(n)[:, None], np.arange(n)[None, :]
-        allowed = np.ones((n, n), bool)
-        if cfg.causal:
-            allowed &= j <= i
+        if q_positions is None:
+            i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+        else:  # [batch, q, 1] against [1, 1, n]; the mask gets a batch axis
+            i, j = jnp.asarray(q_positions)[:, :, None], jnp.arange(n)[None, None, :]
+        allowed = (j <= i) if cfg.causal else (i - j < n + n)
         if len(set(windows)) == 1:  # one window (or none) for every layer: a constant mask
             if windows[0] is not None:
-                allowed &= i - j < windows[0]
+                allowed = allowed & (i - j < windows[0])
         else:  # per-layer windows, looked up by the (possibly traced) layer; i - j < n always holds
             table = jnp.asarray([n if w is None else w for w in windows])
             allowed = jnp.asarray(allowed) & (jnp.asarray(i - j) < table[layer])
-        scores = jnp.where(jnp.asarray(allowed)[None, None], scores, jnp.finfo(scores.dtype).min)
+        allowed = jnp.asarray(allowed)
+        allowed = allowed[None, None] if allowed.ndim == 2 else allowed[None]
+        scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
     return jax.nn.softmax(_at_least_f32(scores), axis=-1).astype(q.dtype)
 
 
@@ -382,17 +390,21 @@ def _attention(
     precision,
     pattern_offset: Array | None = None,
     rot: Rotary | None = None,
+    q_positions: Array | None = None,
 ) -> Float[Array, "n_heads batch pos d_head"]:
     """One layer's attention up to the mixed values ``z`` (head-major).
 
     Inputs are one residual stream ``[batch, pos, d_model]`` shared by all heads or one input per
     head ``[n_heads, batch, pos, d_model]``. ``pattern_offset`` is added to the probabilities (a
     probe whose gradient is d loss / d pattern; zero in value). ``rot``: the rotary tables.
+    ``q_positions`` ``[batch, k]``: the queries are at these positions only (``q_in`` has ``k``
+    positions, keys and values every position).
     """
     attn = block.attn
-    q, k = queries_keys(cfg, block, q_in, k_in, rot, precision)
+    q_rot = None if rot is None or q_positions is None else Rotary(*(_at_positions(t, q_positions) for t in rot))
+    q, k = queries_keys(cfg, block, q_in, k_in, rot, precision, q_rot)
     v = project_heads(cfg, block, v_in, attn.W_V, attn.b_V, precision)
-    pattern = attention_pattern(cfg, layer, q, k, precision)
+    pattern = attention_pattern(cfg, layer, q, k, precision, q_positions)
     if pattern_offset is not None:
         pattern = pattern + pattern_offset
     return jnp.einsum("hbqk,hbke->hbqe", pattern, v, precision=precision)
@@ -425,6 +437,17 @@ def _mlp(cfg: TransformerConfig, block: Block, x: Array, precision) -> Float[Arr
         h = _activation(cfg.act_fn, gate) * h
     out = jnp.einsum("bpm,md->bpd", h, mlp.W_out, precision=precision) + _lead(mlp.b_out, 3)
     return _norm(cfg, block.ln2_post, out)
+
+
+def _at_positions(x: Array, positions: Array) -> Array:
+    """``x[..., b, positions[b, i], :]``: ``x`` ``[..., batch or 1, pos or 1, d]`` at ``positions``
+    ``[batch, k]`` (an axis of size 1 broadcasts)."""
+    if x.shape[-2] == 1:
+        return x
+    lead, batch = x.shape[:-3], positions.shape[0]
+    x = jnp.broadcast_to(x, lead + (batch,) + x.shape[-2:])
+    index = positions.reshape((1,) * len(lead) + positions.shape + (1,))
+    return jnp.take_along_axis(x, index, axis=-2)
 
 
 def _unembed(model: Transformer, x: Array, positions: Array | None) -> Array:
@@ -762,42 +785,73 @@ def gated_forward(
             out = out + one(ghost_gates[..., :visible], probes.ghost_deltas[:visible])
         return out
 
-    def layer_step(layer, deltas, visible: int):
-        # Layers of this segment read only the first `visible` sources: the rest are not computed yet.
-        block = _block_at(model, layer)
-        first = 1 + layer * (H + M)
+    def attention_inputs(layer, buffer, base, visible):
+        """A layer's q, k and v inputs from a difference buffer and the inputs' base."""
         if reads == "single":  # one residual for every input: the first row (all rows are equal)
-            q_in = k_in = v_in = ablation.base_attn[layer] + gated_read(
+            x = base + gated_read(
                 read_one, gates.attn[layer][..., 0, :], None if ghost is None else ghost.attn[layer][..., 0, :],
-                deltas, visible)
-        else:
-            inputs = _lead(ablation.base_attn[layer], 4) + gated_read(
-                read, gates.attn[layer], None if ghost is None else ghost.attn[layer], deltas, visible)
-            if inputs.shape[0] == 3 * H:
-                qkv = inputs.reshape((H, 3) + inputs.shape[1:])
-                q_in, k_in, v_in = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-            else:
-                q_in = k_in = v_in = inputs
+                buffer, visible)
+            return x, x, x
+        inputs = _lead(base, 4) + gated_read(read, gates.attn[layer], None if ghost is None else ghost.attn[layer],
+                                             buffer, visible)
+        if inputs.shape[0] == 3 * H:
+            qkv = inputs.reshape((H, 3) + inputs.shape[1:])
+            return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        return inputs, inputs, inputs
+
+    def heads_and_mlp(layer, block, buffer, q_in, k_in, v_in, visible, ablated, base_mlp, q_positions=None):
+        """The layer's heads (queries at ``q_positions`` when given) and MLP, written into ``buffer``."""
+        first = 1 + layer * (H + M)
         offset = None if probes.pattern_offset is None else probes.pattern_offset[layer]
-        z = _attention(cfg, block, layer, q_in, k_in, v_in, precision, offset, rot)
+        z = _attention(cfg, block, layer, q_in, k_in, v_in, precision, offset, rot, q_positions)
         # with a post norm, each head's share uses the scale of the heads this run computed
         results = jnp.einsum("hbqe,hed->hbqd", z, block.attn.W_O, precision=precision)
         results = _dropped(_head_sources(cfg, block, results), layer, probes.drop_layer)
-        ablated = lax.dynamic_slice_in_dim(ablation.values, first, H, axis=0)
-        deltas = lax.dynamic_update_slice_in_dim(deltas, results - ablated, first, axis=0)
+        buffer = lax.dynamic_update_slice_in_dim(
+            buffer, results - lax.dynamic_slice_in_dim(ablated, first, H, axis=0), first, axis=0)
         if M:
-            mlp_in = ablation.base_mlp[layer] + gated_read(
-                read_one, gates.mlp[layer], None if ghost is None else ghost.mlp[layer], deltas, visible)
+            mlp_in = base_mlp + gated_read(read_one, gates.mlp[layer], None if ghost is None else ghost.mlp[layer],
+                                           buffer, visible)
             out = _dropped(_mlp(cfg, block, mlp_in, precision), layer, probes.drop_layer)
-            ablated = lax.dynamic_index_in_dim(ablation.values, first + H, axis=0, keepdims=False)
-            deltas = lax.dynamic_update_index_in_dim(deltas, out - ablated, first + H, axis=0)
-        return deltas
+            out = out - lax.dynamic_index_in_dim(ablated, first + H, axis=0, keepdims=False)
+            buffer = lax.dynamic_update_index_in_dim(buffer, out, first + H, axis=0)
+        return buffer
 
+    def layer_step(layer, deltas, visible: int):
+        # Layers of this segment read only the first `visible` sources: the rest are not computed yet.
+        q_in, k_in, v_in = attention_inputs(layer, deltas, ablation.base_attn[layer], visible)
+        mlp_base = ablation.base_mlp[layer] if M else None
+        return heads_and_mlp(layer, _block_at(model, layer), deltas, q_in, k_in, v_in, visible, ablation.values, mlp_base)
+
+    # The last layer, when the metric reads a few positions and nothing else is asked of the run,
+    # computes its queries, heads and MLP at those positions only (keys and values everywhere).
+    last = cfg.n_layers - 1
+    trim = (positions is not None and not return_deltas and not per_position and probes.pattern_offset is None
+            and ghost is None and positions.shape[1] < n_pos)
     for lo, hi in layer_segments(cfg.n_layers):
         visible = min(cfg.n_sources, 1 + hi * (H + M))
-        lower = max(start_layer, lo) if isinstance(start_layer, int) else jnp.clip(start_layer, lo, hi)
-        deltas = lax.fori_loop(lower, hi, functools.partial(layer_step, visible=visible), deltas)
-    final_in = ablation.base_logits + gated_read(
-        read_one, gates.logits, None if ghost is None else ghost.logits, deltas, cfg.n_sources)
-    logits = _unembed(model, final_in, positions)
-    return (logits, deltas) if return_deltas else logits
+        top = min(hi, last) if trim else hi
+        lower = max(start_layer, lo) if isinstance(start_layer, int) else jnp.clip(start_layer, lo, top)
+        deltas = lax.fori_loop(lower, top, functools.partial(layer_step, visible=visible), deltas)
+    if not trim:
+        final_in = ablation.base_logits + gated_read(
+            read_one, gates.logits, None if ghost is None else ghost.logits, deltas, cfg.n_sources)
+        logits = _unembed(model, final_in, positions)
+        return (logits, deltas) if return_deltas else logits
+
+    def last_layer(deltas):
+        at = functools.partial(_at_positions, positions=positions)
+        read_here = at(deltas)
+        q_in, _, _ = attention_inputs(last, read_here, at(ablation.base_attn[last]), cfg.n_sources)
+        _, k_in, v_in = attention_inputs(last, deltas, ablation.base_attn[last], cfg.n_sources)
+        mlp_base = at(ablation.base_mlp[last]) if M else None
+        return heads_and_mlp(jnp.int32(last), _block_at(model, last), read_here, q_in, k_in, v_in, cfg.n_sources,
+                             at(ablation.values), mlp_base, q_positions=positions)
+
+    if isinstance(start_layer, int):
+        at_reads = last_layer(deltas) if start_layer <= last else _at_positions(deltas, positions)
+    else:
+        at_reads = lax.cond(start_layer <= last, last_layer, lambda d: _at_positions(d, positions), deltas)
+    final_in = _at_positions(ablation.base_logits, positions) + gated_read(read_one, gates.logits, None, at_reads,
+                                                                          cfg.n_sources)
+    return _unembed(model, final_in, None)
