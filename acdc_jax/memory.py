@@ -7,8 +7,10 @@ forwards' worth; the logits at the read positions add ``k x d_vocab`` floats. Pe
 with the prompts split over ``prompt_devices`` devices and the weights on every device:
 
 - **gradient methods** (EAP, HISP, AtP*, wrong-answer): the weights plus ``n_layers + 2`` forwards
-  per prompt in a chunk; the methods chunk prompts to fit, so the least is one prompt per chunk and
-  the fastest is every prompt at once;
+  per prompt in a chunk; the methods chunk prompts to fit, so the fastest is every prompt at once
+  and the least is one prompt per chunk, with the layers recomputed in the backward pass where that
+  keeps less (``patching.REMAT_FORWARDS`` forwards instead of ``n_layers + 2``), as the methods do
+  when they must chunk;
 - **EAP-IG**: the same per (step, prompt) configuration, ``steps x prompts`` of them;
 - **ACDC**: the weights, the cached clean differences of every prompt, and ``width`` gated
   forwards over the whole batch (each evaluation reads every prompt, so prompts are not chunked).
@@ -25,7 +27,7 @@ import numpy as np
 
 from .graph import Graph
 from .models import TransformerConfig, expected_shapes
-from .patching import activation_bytes
+from .patching import activation_bytes, backward_forwards, remat_pays
 
 
 def weight_bytes(config: TransformerConfig, itemsize: int = 4) -> int:
@@ -54,12 +56,14 @@ def memory_plan(
     weights = weight_bytes(config, itemsize)
     logits = n_read * config.d_vocab_out * 4  # metrics read float32 logits
     forward = activation_bytes(config, n_in, 1, n_pos, itemsize) + logits
-    backward = (config.n_layers + 2) * forward
+    backward = backward_forwards(config.n_layers, False) * forward
+    least_backward = backward_forwards(config.n_layers, remat_pays(config.n_layers)) * forward
     deltas = config.n_sources * per_device * n_pos * config.d_model * itemsize
     acdc = weights + deltas + acdc_width * (activation_bytes(config, n_in, per_device, n_pos, itemsize) + per_device * logits)
     methods = {
-        "eap, hisp, atp-star, wrong-answer": {"least": weights + backward, "all_at_once": weights + per_device * backward},
-        f"eap-ig ({eap_ig_steps} steps)": {"least": weights + backward,
+        "eap, hisp, atp-star, wrong-answer": {"least": weights + least_backward,
+                                              "all_at_once": weights + per_device * backward},
+        f"eap-ig ({eap_ig_steps} steps)": {"least": weights + least_backward,
                                           "all_at_once": weights + eap_ig_steps * per_device * backward},
         f"acdc (width {acdc_width})": {"least": acdc, "all_at_once": acdc},
     }

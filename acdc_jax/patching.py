@@ -97,6 +97,12 @@ class GatedRun(eqx.Module):
 
     ``positions`` (``[batch, k]``) restricts the unembedding to the positions a metric reads;
     ``pos_ids`` overrides the position ids of the clean run (rarely needed).
+
+    ``remat``: whether gradients through this run recompute its layers instead of keeping every
+    layer's difference buffer (``gated_forward``'s ``remat``: two buffers instead of ``n_layers +
+    2``, for one more forward). ``None`` (default): the gradient methods decide, turning it on when
+    a backward pass over all their configurations at once would not fit (``backward_forwards``);
+    elsewhere None is off. ``run.with_remat(True)`` forces it (learned masks on a big model, say).
     """
 
     model: Transformer
@@ -104,6 +110,7 @@ class GatedRun(eqx.Module):
     tokens: Int[Array, "batch pos"] = eqx.field(converter=jnp.asarray)
     ablation: Ablation
     positions: Int[Array, "batch k"] | None = eqx.field(default=None, converter=lambda p: None if p is None else jnp.asarray(p))
+    remat: bool | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         if isinstance(self.tokens, jax.core.Tracer):
@@ -127,13 +134,18 @@ class GatedRun(eqx.Module):
         """The same run on a subset of prompts."""
         index = jnp.asarray(index)
         positions = None if self.positions is None else self.positions[index]
-        return GatedRun(self.model, self.graph, self.tokens[index], self.ablation.rows(index), positions)
+        return GatedRun(self.model, self.graph, self.tokens[index], self.ablation.rows(index), positions, self.remat)
+
+    def with_remat(self, remat: bool | None = True) -> "GatedRun":
+        """The same run, differentiated with (True) or without (False) recomputed layers, or as the
+        methods decide (None)."""
+        return GatedRun(self.model, self.graph, self.tokens, self.ablation, self.positions, remat)
 
     # pure functions (call these inside your own jit/grad/vmap)
 
     def logits(self, gates: Float[Array, "*gate_pos n_gates"]) -> Float[Array, "batch k d_vocab_out"]:
         return gated_forward(self.model, self.graph.dense(gates), self.ablation, self.tokens, positions=self.positions,
-                             reads=graph_reads(self.graph))
+                             reads=graph_reads(self.graph), remat=bool(self.remat))
 
     def logits_from(self, start_layer, deltas: Array, gates: Array) -> Float[Array, "batch k d_vocab_out"]:
         """Gated logits running only layers ``start_layer..`` on top of cached differences."""
@@ -237,6 +249,24 @@ def activation_bytes(cfg, n_in: int, batch: int, n_pos: int, itemsize: int) -> i
     if cfg.has_mlp:
         per_layer += 2 * batch * n_pos * cfg.d_mlp * itemsize
     return cfg.n_sources * act + per_layer
+
+
+# A backward pass through the gated forward keeps every layer's difference buffer (a scan saves its
+# carry per step); with recomputed layers (``remat``) it keeps the input and output buffers and the
+# work of one layer and its pullback, measured at about 7 forwards' worth (``compiled temp bytes /
+# bytes_per_configuration``, 4-16 layers, in benchmarks/memory_scaling.py).
+REMAT_FORWARDS = 7
+
+
+def backward_forwards(n_layers: int, remat: bool) -> int:
+    """How many gated forwards' worth of activations (``bytes_per_configuration``) one backward pass
+    keeps alive, without or with recomputed layers."""
+    return REMAT_FORWARDS if remat else n_layers + 2
+
+
+def remat_pays(n_layers: int) -> bool:
+    """Whether recomputing the layers keeps less than a plain backward pass on this depth."""
+    return backward_forwards(n_layers, True) < backward_forwards(n_layers, False)
 
 
 def auto_chunk_size(run: GatedRun, n_configs: int, *, fraction: float = 0.5) -> int:

@@ -35,7 +35,8 @@ from jaxtyping import Array
 
 from ..graph import Graph
 from ..models import Probes, gated_forward, rows_shared
-from ..patching import GatedRun, graph_reads, source_values, auto_chunk_size, bytes_per_configuration, chunked_vmap, device_memory_bytes
+from ..patching import (GatedRun, auto_chunk_size, backward_forwards, bytes_per_configuration, chunked_vmap,
+                        device_memory_bytes, graph_reads, remat_pays, source_values)
 from ._circuit import Circuit
 from ._problem import Problem
 
@@ -51,7 +52,7 @@ def run_probed(run: GatedRun, gates: Array, *, ghost: Array | None = None, share
     graph = run.graph
     probes = Probes(ghost=None if ghost is None else graph.dense(ghost), **extras)
     return gated_forward(run.model, graph.dense(gates), run.ablation, run.tokens, positions=run.positions, probes=probes,
-                         reads=graph_reads(graph, shared_rows))
+                         reads=graph_reads(graph, shared_rows), remat=bool(run.remat))
 
 
 
@@ -75,14 +76,16 @@ def shares_rows(graph: Graph, *gate_vectors) -> bool:
 LogitsFn = Callable[..., Array]
 
 
-def grad_chunk_size(problem: Problem, n_configs: int, *, fraction: float = 0.5) -> int:
+def grad_chunk_size(problem: Problem, n_configs: int, *, fraction: float = 0.5, remat: bool | None = None) -> int:
     """How many (point, prompt) configurations fit in memory for a forward and backward pass.
 
     A backward pass keeps every layer's difference buffer, so one prompt costs about
-    ``n_layers + 2`` gated forwards' worth of activations.
+    ``n_layers + 2`` gated forwards' worth of activations; with recomputed layers (``remat``,
+    default: the run's) about ``patching.REMAT_FORWARDS``.
     """
     n_rows = problem.run.tokens.shape[0]
-    per_config = bytes_per_configuration(problem.run) / n_rows * (problem.model.config.n_layers + 2)
+    remat = bool(problem.run.remat) if remat is None else remat
+    per_config = bytes_per_configuration(problem.run) / n_rows * backward_forwards(problem.model.config.n_layers, remat)
     fit = int(fraction * device_memory_bytes() // max(1.0, per_config))
     return int(max(1, min(n_configs, fit)))
 
@@ -110,12 +113,24 @@ def pullback(
     rows = jnp.tile(jnp.arange(n_rows, dtype=jnp.int32), n_points)
     points = jnp.repeat(jnp.arange(n_points, dtype=jnp.int32), n_rows)
     weights = jnp.asarray(weights, problem.model.dtype)
+    problem = with_auto_remat(problem, n_configs if chunk_size is None else None)
     if chunk_size is None:
         chunk_size = grad_chunk_size(problem, n_configs)
     chunk_size = int(chunk_size)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     return _jit_pullback(computation(problem), logits_fn, aux, shared, per_config, rows, points, weights, n_points, chunk_size)
+
+
+def with_auto_remat(problem: Problem, n_configs: int | None) -> Problem:
+    """The problem with its run's ``remat`` decided: as set, or (None) on when ``n_configs``
+    configurations would not fit one chunk of a plain backward pass and recomputing the layers
+    keeps less on this depth. ``n_configs=None`` (the caller fixed the chunk): off unless set."""
+    if problem.run.remat is not None:
+        return problem
+    need = n_configs is not None and remat_pays(problem.model.config.n_layers) and \
+        grad_chunk_size(problem, n_configs, remat=False) < n_configs
+    return problem.with_remat(bool(need))
 
 
 def computation(problem: Problem) -> Problem:

@@ -692,6 +692,86 @@ def _shared_rows_bwd(precision, residuals, ct):
 shared_rows_read.defvjp(_shared_rows_fwd, _shared_rows_bwd)
 
 
+def _remat_layers(segments, rows_per_layer: int, deltas: Array) -> Array:
+    """The layer loops ``lax.fori_loop(lower, upper, step, deltas)`` of ``segments`` (``(lower,
+    upper, step)`` in order), differentiated by recomputing each layer.
+
+    Every layer writes its own sources' rows of the difference buffer once and never touches the
+    others, so the buffer a layer ``l`` read is the final buffer's rows below its own first source
+    (``1 + l * rows_per_layer``) and the input buffer's rows from there on. The backward pass
+    therefore keeps only the input and the output buffers and, from the top layer down, recomputes
+    one layer from its rebuilt input to pull the cotangent through it: a reverse pass at one extra
+    forward's cost whose memory does not grow with the number of layers (a scan's backward keeps
+    every layer's buffer). The gradients are the scan's, to float rounding.
+    """
+    bounds, steps, n_consts, consts = [], [], [], []
+    for lower, upper, step in segments:
+        converted, closed = jax.closure_convert(step, jnp.int32(lower), deltas)
+        bounds.append((lower, upper))
+        steps.append(converted)
+        n_consts.append(len(closed))
+        consts.extend(closed)
+    return _remat_loop(tuple(bounds), tuple(steps), tuple(n_consts), rows_per_layer, deltas, *consts)
+
+
+def _split_consts(n_consts, consts):
+    ends = np.cumsum((0,) + tuple(n_consts))
+    return [consts[a:b] for a, b in zip(ends[:-1], ends[1:])]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _remat_loop(bounds, steps, n_consts, rows_per_layer, deltas, *consts):
+    for (lower, upper), step, closed in zip(bounds, steps, _split_consts(n_consts, consts)):
+        deltas = lax.fori_loop(lower, upper, lambda layer, d, step=step, closed=closed:
+                               step(layer.astype(jnp.int32), d, *closed), deltas)
+    return deltas
+
+
+def _remat_loop_fwd(bounds, steps, n_consts, rows_per_layer, deltas, *consts):
+    # symbolic zeros: the backward differentiates only what the caller differentiates (weights
+    # that are closed over but not differentiated get no weight-sized cotangent accumulators)
+    values = tuple(c.value for c in consts)
+    out = _remat_loop(bounds, steps, n_consts, rows_per_layer, deltas.value, *values)
+    wanted = tuple(() if c.perturbed else None for c in consts)  # a pytree marker: () wanted, None not
+    return out, (deltas.value, out, values, wanted)
+
+
+def _remat_loop_bwd(bounds, steps, n_consts, rows_per_layer, residuals, ct):
+    deltas, out, consts, wanted = residuals
+    wanted = [w is not None for w in wanted]
+    if isinstance(ct, jax.custom_derivatives.SymbolicZero):
+        ct = jnp.zeros(ct.shape, ct.dtype)
+    source = jnp.arange(deltas.shape[0]).reshape((-1,) + (1,) * (deltas.ndim - 1))
+    ct_consts = []
+    for (lower, upper), step, closed, want in reversed(list(zip(
+            bounds, steps, _split_consts(n_consts, consts), _split_consts(n_consts, wanted)))):
+        closed, which = tuple(closed), [k for k, w in enumerate(want) if w]
+
+        def back(i, carry, step=step, upper=upper, closed=closed, which=which):
+            ct_deltas, ct_wanted = carry
+            layer = (upper - 1 - i).astype(jnp.int32)
+            seen = jnp.where(source < 1 + layer * rows_per_layer, out, deltas)  # the buffer this layer read
+
+            def layer_of(d, *diff):
+                c = list(closed)
+                for k, v in zip(which, diff):
+                    c[k] = v
+                return step(layer, d, *c)
+
+            _, pull = jax.vjp(layer_of, seen, *(closed[k] for k in which))
+            grads = pull(ct_deltas)
+            return grads[0], jax.tree.map(jnp.add, ct_wanted, tuple(grads[1:]))
+
+        zeros = tuple(jnp.zeros_like(closed[k]) for k in which)
+        ct, got = lax.fori_loop(0, upper - lower, back, (ct, zeros))
+        got = dict(zip(which, got))
+        ct_consts = [got.get(k) for k in range(len(closed))] + ct_consts
+    return (ct, *ct_consts)
+
+
+_remat_loop.defvjp(_remat_loop_fwd, _remat_loop_bwd, symbolic_zeros=True)
+
+
 def rows_shared(dense: "DenseGates") -> bool:
     """Whether every input of each layer reads the same gate row (``shared_rows_read`` is exact)."""
     attn = np.asarray(dense.attn)
@@ -711,6 +791,7 @@ def gated_forward(
     return_deltas: bool = False,
     probes: Probes | None = None,
     reads: str = "dense",
+    remat: bool = False,
 ):
     """The forward pass in which every destination input is a gate-weighted interpolation.
 
@@ -742,6 +823,10 @@ def gated_forward(
       does (one LayerNorm, one wide projection per q/k/v); the gradient with respect to the rows
       lands on the first row.
 
+    ``remat``: differentiate the layers by recomputing them (``_remat_layers``): the backward pass
+    keeps two difference buffers instead of one per layer, for one more forward's work. Values and
+    gradients are unchanged; it needs a Python int ``start_layer``.
+
     Returns the logits ``[batch, pos_or_k, d_vocab_out]``; with ``return_deltas`` also the final
     difference buffer, from which ``deltas[s] + ablation.values[s]`` is source s's output in this run.
     """
@@ -772,6 +857,8 @@ def gated_forward(
 
     if reads not in ("dense", "shared", "single"):
         raise ValueError(f"reads must be 'dense', 'shared' or 'single', got {reads!r}")
+    if remat and not isinstance(start_layer, int):
+        raise ValueError("remat needs a Python int start_layer (a traced start runs a while_loop, which has no backward)")
 
     def gated_read(spec, layer_gates, ghost_gates, buffer, visible):
         if reads == "shared" and spec == read:
@@ -828,11 +915,18 @@ def gated_forward(
     last = cfg.n_layers - 1
     trim = (positions is not None and not return_deltas and not per_position and probes.pattern_offset is None
             and ghost is None and positions.shape[1] < n_pos)
+    segments = []
     for lo, hi in layer_segments(cfg.n_layers):
         visible = min(cfg.n_sources, 1 + hi * (H + M))
         top = min(hi, last) if trim else hi
         lower = max(start_layer, lo) if isinstance(start_layer, int) else jnp.clip(start_layer, lo, top)
-        deltas = lax.fori_loop(lower, top, functools.partial(layer_step, visible=visible), deltas)
+        step = functools.partial(layer_step, visible=visible)
+        if remat:
+            segments.append((lower, top, step))
+        else:
+            deltas = lax.fori_loop(lower, top, step, deltas)
+    if segments:
+        deltas = _remat_layers([seg for seg in segments if seg[1] > seg[0]], H + M, deltas)
     if not trim:
         final_in = ablation.base_logits + gated_read(
             read_one, gates.logits, None if ghost is None else ghost.logits, deltas, cfg.n_sources)
