@@ -192,9 +192,11 @@ def _jit_pullback(problem, logits_fn, aux, shared, per_config, rows, points, wei
         r, p, cot, pc = x
         _, vjp = jax.vjp(lambda s, c: _configs_logits(problem, logits_fn, aux, s, r, p, c), shared, pc)
         g_shared, g_config = vjp(cot)
-        return jax.tree.map(jnp.add, total, g_shared), g_config
+        return jax.tree.map(lambda t, g: t + g.astype(t.dtype), total, g_shared), g_config
 
-    g_shared, g_config = lax.scan(body, jax.tree.map(jnp.zeros_like, shared), xs)
+    # the sum over chunks in at least float32: bf16 runs would otherwise round every partial sum
+    total = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), shared)
+    g_shared, g_config = lax.scan(body, total, xs)
     g_config = jax.tree.map(lambda y: y.reshape((n_chunks * chunk,) + y.shape[2:])[:n_configs], g_config)
     return losses, g_shared, g_config
 
