@@ -205,9 +205,10 @@ class Circuit:
 
     def summary(self, n: int = 10) -> str:
         unit = "edges" if self.graph.level == "edge" else "nodes"
-        at = "" if self.positions is None else f" x {self.positions.n_units} position units"
+        of = (f"{self.graph.n_gates} {unit}" if self.positions is None
+              else f"{self.scores.size} units ({self.graph.n_gates} {unit} x {self.positions.n_units} position units)")
         lines = [
-            f"{self.method} on {self.task}: kept {self.n_kept} of {self.scores.size} {unit}{at}"
+            f"{self.method} on {self.task}: kept {self.n_kept} of {of}"
             + (f" at threshold {self.threshold:g}" if self.threshold is not None else ""),
             f"  {self.metric} of the circuit ({self.ablation} ablation): "
             + ("n/a" if self.metric_value is None else f"{self.metric_value:.6g}"),
