@@ -164,11 +164,13 @@ def attach_reference_scores(circuit: Circuit, task: Task) -> str | None:
         return reason
     if labels.all() or not labels.any():
         return None
-    circuit.extra["auc"] = roc_auc(circuit.scores, labels)
-    precision, recall = precision_recall(circuit.kept_mask(), labels)
+    per_edge = circuit.merge_positions()  # the canonical circuits name edges, not positions
+    circuit.extra["auc"] = roc_auc(per_edge.scores, labels)
+    precision, recall = precision_recall(per_edge.kept_mask(), labels)
     circuit.extra["precision"] = precision
     circuit.extra["recall"] = recall
-    circuit.extra["reference"] = {"ablation": canonical.ablation, "n_units": int(labels.sum()), "source": canonical.source}
+    circuit.extra["reference"] = {"ablation": canonical.ablation, "n_units": int(labels.sum()), "source": canonical.source,
+                                  **({} if circuit.positions is None else {"positions": "merged: an edge at any position"})}
     return None
 
 
