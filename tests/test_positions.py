@@ -204,7 +204,9 @@ def test_acdc_with_positions_equals_a_plain_float64_loop_on_a_tiny_random_model(
     task = Task(name="random", clean=clean, corrupt=rng.randint(0, cfg.d_vocab, clean.shape),
                 positions=np.tile(np.arange(3), (3, 1)), metric="kl")
     problem = Problem.build(model, task)
-    gap = problem.ablated_value() - problem.clean_value()
+    ablated = np.broadcast_to(np.asarray(problem.run.ablation.values, np.float64), (model.config.n_sources, 3, 3, cfg.d_model))
+    clean_logits = gated_logits(model, problem.graph, clean, np.ones(problem.graph.n_gates), ablated)
+    gap = _kl64(model, problem.graph, clean, ablated, clean_logits, np.zeros(problem.graph.n_gates))  # KL of the ablated model
     sizes = []
     for positions, fraction in (("each", 0.01), ("each", 0.1)):
         units = resolve_positions(problem, positions)
@@ -273,3 +275,14 @@ def test_bad_positions_fail_clearly(planted):
         resolve_positions(Problem(planted.run, planted.inputs, planted.metric, "t", "zero", task), "labels")
     with pytest.raises(ValueError, match="position label"):
         PositionUnits(("a@b",), ((0,),), 1)
+
+
+def test_cli_refuses_positions_for_a_method_without_them():
+    from typer.testing import CliRunner
+
+    from acdc_jax.cli import app
+
+    result = CliRunner().invoke(app, ["discover", "--task", "tracr-reverse", "--method", "hisp", "--option", "positions=each"])
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "does not support positions" in text and "acdc" in text and "eap-ig" in text
