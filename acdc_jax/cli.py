@@ -174,7 +174,7 @@ def discover(
             console.print(f"interrupted{where}", soft_wrap=True)
             raise typer.Exit(code=130)
         bar.update(job, description="edges" if circuit.graph.level == "edge" else "nodes",
-                   completed=circuit.graph.n_gates, total=circuit.graph.n_gates, kept=circuit.n_kept, metric="done")
+                   completed=circuit.scores.size, total=circuit.scores.size, kept=circuit.n_kept, metric="done")
     if out is not None:  # the search's result first: nothing after this may lose it
         circuit.save(out)
     skipped = methods.attach_reference_scores(circuit, the_task)
