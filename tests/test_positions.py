@@ -11,7 +11,6 @@ from acdc_jax import export, viz
 from acdc_jax.methods import Circuit, Problem
 from acdc_jax.methods._positions import PositionUnits, resolve_positions
 from acdc_jax.methods.acdc import acdc
-from acdc_jax.methods.eap import eap
 from acdc_jax.methods.eap_ig import eap_ig
 from acdc_jax.models import TransformerConfig, build_model, expected_shapes
 from acdc_jax.tasks import Task
