@@ -14,6 +14,7 @@ from ..graph import GraphError, Level
 from ..models import Transformer, load_model
 from ..tasks import Task, TaskError, get_task
 from ._circuit import Circuit
+from ._positions import PositionUnits
 from ._problem import Problem
 
 # One module per method, importable by its name (``acdc_jax.methods.acdc.visit_order``); the
@@ -179,6 +180,7 @@ __all__ = [
     "Circuit",
     "MethodSpec",
     "Path",
+    "PositionUnits",
     "Problem",
     "acdc",
     "atp_star",

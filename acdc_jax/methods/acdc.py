@@ -276,8 +276,7 @@ def _search(problem: Problem, deltas, plan: _Plan, carry: _Carry, threshold, max
     n_groups, n_slots = plan.units.shape
     cols = jnp.arange(width)
     n_layers = problem.model.config.n_layers
-
-    n_edges = problem.graph.n_gates
+    n_edges = problem.graph.n_gates  # per position unit: the search's gates are [n_units * n_edges]
 
     def losses_of(start, rows):
         def one(gates):
