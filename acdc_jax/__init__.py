@@ -26,7 +26,7 @@ from .patching import (
 
 from . import evaluate, methods, metrics, tasks  # noqa: E402  (after the core they build on)
 from . import export, viz  # noqa: E402  (after methods and evaluate, which they build on)
-from .methods import Circuit, Problem, discover  # noqa: E402
+from .methods import Circuit, PositionUnits, Problem, discover  # noqa: E402
 from .methods.acdc import acdc  # noqa: E402  (each method function; its module is acdc_jax.methods.<name>)
 from .methods.atp_star import atp_star  # noqa: E402
 from .methods.eap import eap  # noqa: E402
@@ -45,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Ablation",
     "Circuit",
+    "PositionUnits",
     "Problem",
     "Task",
     "discover",

@@ -63,6 +63,13 @@ def _method_options(spec, option: list[str] | None, threshold: float | None, **m
     elif "threshold" in accepted and accepted["threshold"].default is inspect.Parameter.empty:
         _fail(f"method {spec.name!r} needs --threshold")
     opts.update({key: value for key, value in more.items() if value is not None})
+    if "positions" in opts and "positions" not in accepted:
+        from . import methods
+
+        aware = [name for name in methods.method_names()
+                 if "positions" in inspect.signature(methods.get_method(name).fn).parameters]
+        _fail(f"method {spec.name!r} does not support positions (edges per token position); the position-aware "
+              f"methods are {', '.join(aware)}")
     unknown = sorted(set(opts) - set(accepted))
     if unknown:
         _fail(f"method {spec.name!r} has no option {', '.join(unknown)}; it takes "
@@ -89,6 +96,8 @@ Examples:
   acdc-jax discover --task tracr-reverse --method path-patching --threshold 1e-3 --option grouped=true
 
   acdc-jax discover --task induction --method acdc --threshold 0.05 --dtype bfloat16
+
+  acdc-jax discover --task tracr-reverse --method eap-ig --option positions=each --option top_n=20
 """)
 def discover(
     task: Annotated[str, typer.Option(help="Task name (see `acdc-jax info --tasks`) or a task JSON file.")],
@@ -165,7 +174,7 @@ def discover(
             console.print(f"interrupted{where}", soft_wrap=True)
             raise typer.Exit(code=130)
         bar.update(job, description="edges" if circuit.graph.level == "edge" else "nodes",
-                   completed=circuit.graph.n_gates, total=circuit.graph.n_gates, kept=circuit.n_kept, metric="done")
+                   completed=circuit.scores.size, total=circuit.scores.size, kept=circuit.n_kept, metric="done")
     if out is not None:  # the search's result first: nothing after this may lose it
         circuit.save(out)
     skipped = methods.attach_reference_scores(circuit, the_task)
@@ -385,6 +394,7 @@ def export_command(
     d_model: Annotated[Optional[int], typer.Option(help="mib: the model's d_model, when it cannot be inferred.")] = None,
     fold_internal: Annotated[bool, typer.Option("--fold-internal", help="Fold a.q|k|v->a edges into the residual edges first.")] = False,
     nodes_to_edges: Annotated[bool, typer.Option("--nodes-to-edges", help="Turn a node-level circuit into edges first.")] = False,
+    merge_positions: Annotated[bool, typer.Option("--merge-positions", help="A position-aware circuit as edges: scores summed over positions, kept if kept at any.")] = False,
 ) -> None:
     """Write a circuit in a format other tools read: ACDC edges, auto-circuit prune scores, MIB graph JSON."""
     from . import export
@@ -401,6 +411,8 @@ def export_command(
         options["d_model"] = d_model
     elif d_model is not None:
         _fail("--d-model applies to --format mib only")
+    if merge_positions:
+        loaded = export.merge_positions(loaded)
     if nodes_to_edges:
         loaded = export.edge_circuit_from_nodes(loaded)
     if fold_internal:

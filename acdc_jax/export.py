@@ -68,6 +68,17 @@ them, holding either ``importances.json`` (``to_mib`` of the circuit) or nine ``
 file in a task folder for a circuit, so nothing else may be there. Names must not contain ``_`` (MIB splits
 folder and results names there).
 
+**Positions** (position-aware circuits, ``circuit.positions``): only auto-circuit has a position
+axis (its ``seq_len`` models give every patch mask a leading token axis). ``to_autocircuit``
+writes a circuit whose position units are single token positions (``positions="each"``) with
+``seq_len``, every ``prune_scores`` array ``[seq_len, ...]``, ``edges`` as ``name -> [score per
+position]`` and ``circuit`` as ``{"edge", "seq_idx"}`` entries; ``from_autocircuit`` reads them
+back (the position labels come from the ``acdc_jax`` block, else ``"0"``, ``"1"``, ...). Spans of
+several tokens, and the acdc and mib formats (no position axis), are refused with an
+``ExportError``; ``merge_positions`` (CLI: ``--merge-positions``) is the documented per-edge
+aggregation for them: each edge's score summed over positions (for the gradient methods, the
+position-free score), kept when it is kept at any position.
+
 Lossy points: the ACDC split embedding (see above); per-head edges written as q/k/v triples (a
 foreign reader sees three equal edges); internal edges and node-level circuits need converting
 for auto-circuit (``fold_internal_edges``, ``edge_circuit_from_nodes``) and internal edges for MIB,
@@ -234,6 +245,22 @@ def _unknown_edge(graph: Graph, what: str, ours: str) -> GraphError:
 # ---------------------------------------------------------------------------------------- conversions
 
 
+def merge_positions(circuit: Circuit) -> Circuit:
+    """The position-free circuit of a position-aware one (``Circuit.merge_positions``): each edge's
+    score summed over its position units, kept when kept at any position."""
+    return circuit.merge_positions()
+
+
+def _require_no_positions(circuit: Circuit, what: str, alternative: str = "") -> None:
+    if circuit.positions is not None:
+        raise ExportError(
+            f"{what} has no position axis, and this circuit has {circuit.positions.n_units} position units "
+            f"({', '.join(circuit.positions.labels[:6])}{', ...' if circuit.positions.n_units > 6 else ''}); merge them "
+            "with acdc_jax.export.merge_positions(circuit) (CLI: --merge-positions): each edge's score summed over "
+            f"positions, kept when kept at any position{alternative}"
+        )
+
+
 def _require_edges(circuit: Circuit, fmt: str) -> None:
     if circuit.graph.level != "edge":
         raise ExportError(
@@ -258,6 +285,7 @@ def fold_internal_edges(circuit: Circuit) -> Circuit:
     An internal edge at 0 ablates every edge into that input, so a residual edge stays kept only
     when its input's internal edge is kept too. Residual scores are kept; internal scores are lost.
     """
+    _require_no_positions(circuit, "folding internal edges")
     graph = circuit.graph
     if not graph.internal_edges:
         return circuit
@@ -281,6 +309,7 @@ def edge_circuit_from_nodes(circuit: Circuit) -> Circuit:
     graph = circuit.graph
     if graph.level != "node":
         return circuit
+    _require_no_positions(circuit, "converting nodes to edges")
     edge_graph = dataclasses.replace(graph, level="edge")
     mask = edges_from_nodes(edge_graph, circuit.kept_mask())
     scores = edge_scores_from_nodes(edge_graph, circuit.scores)
@@ -340,6 +369,7 @@ def _acdc_row(receiver: str, receiver_index: tuple, sender: str, sender_index: t
 
 def to_acdc(circuit: Circuit, *, embed: str = "auto") -> dict:
     """The circuit as ACDC edge keys with scores and present flags (module docstring: layout, names)."""
+    _require_no_positions(circuit, "ACDC's edge format", "; or export with format 'autocircuit', which has positions")
     _require_edges(circuit, "acdc")
     graph = circuit.graph
     mode = _embed_mode(circuit, embed)
@@ -535,22 +565,63 @@ def to_autocircuit(circuit: Circuit) -> dict:
     _require_no_internal(circuit, "autocircuit")
     graph = circuit.graph
     tables = _ac_tables(graph)
+    if circuit.positions is not None:
+        return _to_autocircuit_per_token(circuit, tables)
     arrays = {m: np.full(shape, np.nan) for m, shape in tables.shapes.items()}
     for (module, index, _), score in zip(tables.edges, circuit.scores.tolist()):
         arrays[module][index] = score
     scores = _json_scores(circuit.scores)
     kept = circuit.kept_mask().tolist()
     return {
-        "format": AUTOCIRCUIT_FORMAT,
-        "model": {"n_layers": graph.n_layers, "n_heads": graph.n_heads, "attn_only": not graph.has_mlp,
-                  "separate_qkv": graph.qkv_split, "factorized": True},
-        "srcs": [dict(s) for s in tables.srcs],
-        "dests": [dict(d) for d in tables.dests],
+        **_ac_header(graph, tables),
         "prune_scores": {m: _nested_none(a) for m, a in arrays.items()},
         "edges": {name: score for (_, _, name), score in zip(tables.edges, scores)},
         "circuit": [name for (_, _, name), k in zip(tables.edges, kept) if k],
         "acdc_jax": _metadata(circuit),
     }
+
+
+def _ac_header(graph: Graph, tables: _AutoCircuitTables) -> dict:
+    return {
+        "format": AUTOCIRCUIT_FORMAT,
+        "model": {"n_layers": graph.n_layers, "n_heads": graph.n_heads, "attn_only": not graph.has_mlp,
+                  "separate_qkv": graph.qkv_split, "factorized": True},
+        "srcs": [dict(s) for s in tables.srcs],
+        "dests": [dict(d) for d in tables.dests],
+    }
+
+
+def _to_autocircuit_per_token(circuit: Circuit, tables: _AutoCircuitTables) -> dict:
+    """A position-aware circuit with one token per position unit, on auto-circuit's ``seq_len`` axis."""
+    units = circuit.positions
+    wide = [label for label, span in zip(units.labels, units.spans) if len(span) > 1]
+    if wide:
+        raise ExportError(
+            f"auto-circuit's position axis is per token, and the position units {wide[:4]} span several tokens; "
+            "run the method with positions='each', or merge the positions (acdc_jax.export.merge_positions, CLI: "
+            "--merge-positions)"
+        )
+    per_token = circuit.scores[units.unit_of]  # [seq_len, n_gates]; unit_of is a permutation here
+    kept = circuit.kept_mask()[units.unit_of]
+    seq_len = units.n_pos
+    arrays = {m: np.full((seq_len,) + shape, np.nan) for m, shape in tables.shapes.items()}
+    for i, (module, index, _) in enumerate(tables.edges):
+        arrays[module][(slice(None),) + index] = per_token[:, i]
+    return {
+        **_ac_header(circuit.graph, tables),
+        "seq_len": seq_len,
+        "prune_scores": {m: _nested_lists(a) for m, a in arrays.items()},
+        "edges": {name: _json_scores(per_token[:, i]) for i, (_, _, name) in enumerate(tables.edges)},
+        "circuit": [{"edge": tables.edges[i][2], "seq_idx": int(p)} for p, i in zip(*np.nonzero(kept))],
+        "acdc_jax": _metadata(circuit, positions=units.to_dict()),
+    }
+
+
+def _nested_lists(array: np.ndarray):
+    """Nested lists of any rank, NaN as None."""
+    if array.ndim <= 2:
+        return _nested_none(array)
+    return [_nested_lists(a) for a in array]
 
 
 def _nested_none(array: np.ndarray) -> list:
@@ -624,6 +695,9 @@ def from_autocircuit(data: dict) -> Circuit:
         raise ExportError("not an autocircuit document: it has neither 'prune_scores' nor 'edges'")
     meta = data.get("acdc_jax")
     graph = _graph_from_metadata(meta)
+    seq_len = data.get("seq_len")
+    if seq_len is not None:
+        return _from_autocircuit_per_token(data, graph, meta, int(seq_len))
     arrays = None
     if "prune_scores" in data:
         arrays = {m: np.array(v, dtype=np.float64) for m, v in data["prune_scores"].items()}  # null -> NaN
@@ -657,6 +731,60 @@ def from_autocircuit(data: dict) -> Circuit:
             raise _unknown_edge(graph, f"kept auto-circuit edge {name!r}", ours)
         kept[position[ours]] = True
     return _assemble(graph, scores, kept, meta, "autocircuit")
+
+
+def _from_autocircuit_per_token(data: dict, graph: Graph | None, meta: dict | None, seq_len: int) -> Circuit:
+    """A position-aware circuit from an autocircuit document with ``seq_len`` (one unit per token)."""
+    from .methods._positions import PositionUnits
+
+    arrays = None
+    if "prune_scores" in data:
+        arrays = {m: np.array(v, dtype=np.float64) for m, v in data["prune_scores"].items()}
+        bad = [m for m, a in arrays.items() if a.ndim < 2 or a.shape[0] != seq_len]
+        if bad:
+            raise ExportError(f"seq_len is {seq_len} but the prune scores of {bad[:3]} have no leading axis of that length")
+        inferred = _graph_from_prune_scores({m: a[0] for m, a in arrays.items()})
+        if graph is not None:
+            _check_same_graph(graph, inferred, "autocircuit")
+        graph = graph or inferred
+    if graph is None:
+        raise ExportError("an autocircuit document with only 'edges' needs its acdc_jax block to know the graph")
+    if graph.level != "edge" or graph.internal_edges:
+        raise ExportError(f"auto-circuit files hold edges without internal edges, not a {graph.describe()}")
+    units = PositionUnits.from_dict(meta["positions"]) if meta and meta.get("positions") else PositionUnits.each(seq_len)
+    if units.n_pos != seq_len or any(len(span) != 1 for span in units.spans):
+        raise ExportError(f"the acdc_jax block's position units do not match seq_len {seq_len} (one token each)")
+    position = _edge_position(graph)
+    per_token = np.full((seq_len, graph.n_gates), np.nan)
+    if "edges" in data:
+        for name, ours, values in zip(data["edges"], _ac_names_to_ours(data["edges"]), data["edges"].values()):
+            if ours not in position:
+                raise _unknown_edge(graph, f"auto-circuit edge {name!r}", ours)
+            if not isinstance(values, list) or len(values) != seq_len:
+                raise ExportError(f"auto-circuit edge {name!r} needs one score per position ({seq_len}), got {values!r}")
+            per_token[:, position[ours]] = [math.nan if v is None else v for v in values]
+    else:
+        for i, (module, index, _) in enumerate(_ac_tables(graph).edges):
+            if module in arrays:
+                per_token[:, i] = arrays[module][(slice(None),) + index]
+    kept = np.zeros((seq_len, graph.n_gates), bool)
+    for entry in data.get("circuit", []):
+        if not isinstance(entry, dict) or "edge" not in entry or "seq_idx" not in entry:
+            raise ExportError(f"a per-position auto-circuit circuit lists {{'edge', 'seq_idx'}} entries, got {entry!r}")
+        ours = _ac_names_to_ours([entry["edge"]])[0]
+        if ours not in position:
+            raise _unknown_edge(graph, f"kept auto-circuit edge {entry['edge']!r}", ours)
+        kept[int(entry["seq_idx"]), position[ours]] = True
+    token_of_unit = np.array([span[0] for span in units.spans])
+    scores, kept = per_token[token_of_unit], kept[token_of_unit]
+    names = units.unit_names(graph.gate_names)
+    meta = meta or {}
+    return Circuit(
+        method=meta.get("method", "imported-autocircuit"), task=meta.get("task", "unknown"), graph=graph, scores=scores,
+        kept=tuple(n for n, k in zip(names, kept.reshape(-1)) if k), metric=meta.get("metric", "unknown"),
+        ablation=meta.get("ablation", "unknown"), threshold=meta.get("threshold"), metric_value=meta.get("metric_value"),
+        extra={"imported_from": "autocircuit"}, positions=units,
+    )
 
 
 # ---------------------------------------------------------------------------------------- MIB / EAP-IG
@@ -724,6 +852,7 @@ def to_mib(circuit: Circuit, *, d_model: int | None = None, prompts_per_batch: i
     their number). ``mib_score = score / prompts_per_batch``; the factor is recorded in the
     ``acdc_jax`` block (``score_convention``), and ``from_mib`` multiplies it back.
     """
+    _require_no_positions(circuit, "MIB's graph format", "; or export with format 'autocircuit', which has positions")
     if int(prompts_per_batch) < 1:
         raise ExportError(f"prompts_per_batch must be a positive int, got {prompts_per_batch!r}")
     divisor = float(int(prompts_per_batch))
@@ -1040,6 +1169,7 @@ __all__ = [
     "import_circuit",
     "infer_d_model",
     "check_mib_name",
+    "merge_positions",
     "mib_circuit_file",
     "mib_foreign_files",
     "mib_method_folder",

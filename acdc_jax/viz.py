@@ -22,6 +22,15 @@ per-head graph (centre of its bottom edge), are **dark grey ``#4D4D4D``**. Width
 (a kept edge into it, or its kept internal edge), hollow otherwise. Node-level circuits are drawn
 as their kept nodes only, without edges.
 
+**Positions as columns**: a position-aware circuit (``circuit.positions``) is drawn as one panel
+per position unit that keeps something, left to right in position order, titled ``position
+{label}``. An edge at a position unit is the destination reading its source at those token
+positions, so each kept edge lies within its column; what attention carries across positions is
+not an edge and is not drawn. Every column has the same layout (the nodes any position touches),
+a node untouched at that position greyed; widths share one scale over all columns. ``to_dot``
+draws position-free circuits only; the heat maps sum (or take the largest) ``|score|`` over
+positions too.
+
 **Heat map** (``plot_scores``): a layer x head grid (layer 0 at the bottom, as in the picture),
 with the MLP of each layer in an extra column. A node's score (``node_scores``) is the sum
 (``reduce="sum"``, default) or the largest (``reduce="max"``) ``|score|`` over every edge that
@@ -93,6 +102,7 @@ def touched_nodes(circuit: Circuit) -> set[str]:
     """Nodes the circuit uses: endpoints of kept edges (an input counts as its head), or the kept
     nodes of a node-level circuit; ``logits`` always."""
     nodes = {"logits"}
+    circuit = circuit.merge_positions()
     if circuit.graph.level == "node":
         return nodes | set(circuit.kept)
     for name in circuit.kept:
@@ -105,6 +115,7 @@ def live_inputs(circuit: Circuit) -> set[str]:
     """Head inputs in the circuit: a kept edge into them, or their kept internal edge."""
     if circuit.graph.level != "edge":
         return set()
+    circuit = circuit.merge_positions()
     live = set()
     for name in circuit.kept:
         src, _, dst = name.partition("->")
@@ -174,9 +185,10 @@ def _head_number(head: str) -> int:
     return _parse(head)[2]
 
 
-def _edge_widths(edges: list[_DrawnEdge], min_width: float, max_width: float) -> list[float]:
-    finite = [abs(e.score) for e in edges if not math.isnan(e.score)]
-    top = max(finite, default=0.0)
+def _edge_widths(edges: list[_DrawnEdge], min_width: float, max_width: float, top: float | None = None) -> list[float]:
+    """Widths linear in ``|score|`` up to ``top`` (default: the largest over ``edges``)."""
+    if top is None:
+        top = max([abs(e.score) for e in edges if not math.isnan(e.score)], default=0.0)
     widths = []
     for e in edges:
         if math.isnan(e.score) or top == 0:
@@ -194,7 +206,8 @@ def _line_style(score: float) -> str:
 
 def _default_title(circuit: Circuit) -> str:
     unit = "edges" if circuit.graph.level == "edge" else "nodes"
-    return f"{circuit.method} on {circuit.task}: {circuit.n_kept} of {circuit.graph.n_gates} {unit}"
+    at = "" if circuit.positions is None else f" x {circuit.positions.n_units} positions"
+    return f"{circuit.method} on {circuit.task}: {circuit.n_kept} of {circuit.graph.n_gates} {unit}{at}"
 
 
 # ----------------------------------------------------------------------------------- matplotlib
@@ -242,33 +255,79 @@ def draw_circuit(
     max_width: float = 4.0,
     dpi: int = 150,
 ) -> Path:
-    """Draw the circuit to ``path`` (``.svg``, ``.png`` or ``.pdf``); conventions in the module docstring."""
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch, Rectangle
+    """Draw the circuit to ``path`` (``.svg``, ``.png`` or ``.pdf``); conventions in the module docstring.
 
+    A position-aware circuit is drawn with its positions as columns, one panel per position unit that
+    keeps something (see the module docstring)."""
     from .evaluate import _figure
 
     if min_width < 0 or max_width < min_width:
         raise ValueError(f"need 0 <= min_width <= max_width, got {min_width} and {max_width}")
-    layout = _layout(circuit, hide_unused)
+    panels = _position_panels(circuit)
+    layout = _layout(circuit.merge_positions(), hide_unused)  # one layout: rows line up across the columns
+    all_edges = [e for _, sub in panels for e in _drawn_edges(sub)]
+    top = max([abs(e.score) for e in all_edges if not math.isnan(e.score)], default=0.0)
+    x0, x1 = layout.x_range
+    n_rows = len(layout.rows)
+    span = 0.95 * (x1 - x0)
+    fig = _figure(figsize=(max(4.5, span * len(panels) + 1.0), max(3.0, 0.62 * n_rows + 1.4 + 0.2 * (len(panels) > 1))))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    handles: dict[str, object] = {}
+    for i, (ax, (label, sub)) in enumerate(zip(axes, panels)):
+        handles |= _draw_panel(ax, sub, layout, hide_unused, min_width, max_width, top,
+                               suffix="" if label is None else f"@{label}", layer_labels=i == 0)
+        if label is not None:
+            ax.set_title(f"position {label}", fontsize=8)
+    if handles:
+        axes[-1].legend(handles=list(handles.values()), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7,
+                        frameon=False)
+    heading = title if title is not None else _default_title(circuit)
+    if len(panels) == 1 and panels[0][0] is None:
+        axes[0].set_title(heading, fontsize=9)
+    else:
+        fig.suptitle(heading, fontsize=9)
+    return _save(fig, path, dpi)
+
+
+def _position_panels(circuit: Circuit) -> list[tuple[str | None, Circuit]]:
+    """``[(None, circuit)]``, or for a position-aware circuit one position-free circuit per position
+    unit that keeps something (all units when none does), in position order."""
+    units = circuit.positions
+    if units is None:
+        return [(None, circuit)]
+    mask = circuit.kept_mask()
+    panels = []
+    for u, label in enumerate(units.labels):
+        kept = tuple(name for name, k in zip(circuit.graph.gate_names, mask[u]) if k)
+        sub = dataclasses.replace(circuit, scores=circuit.scores[u], kept=kept, positions=None)
+        panels.append((label, sub))
+    shown = [(label, sub) for label, sub in panels if sub.kept]
+    return shown or panels
+
+
+def _draw_panel(ax, circuit: Circuit, layout: _Layout, hide_unused: bool, min_width: float, max_width: float,
+                top: float, *, suffix: str = "", layer_labels: bool = True) -> dict:
+    """One layered picture of a position-free circuit on ``ax``; returns its legend entries by label."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch, Rectangle
+
     touched = touched_nodes(circuit)
     edges = _drawn_edges(circuit)
-    widths = _edge_widths(edges, min_width, max_width)
+    widths = _edge_widths(edges, min_width, max_width, top)
     live = live_inputs(circuit)
     groups = head_groups(circuit)
     x0, x1 = layout.x_range
     n_rows = len(layout.rows)
-    fig = _figure(figsize=(max(4.5, 0.95 * (x1 - x0) + 1.0), max(3.0, 0.62 * n_rows + 1.4)))
-    ax = fig.add_subplot()
     ax.set_xlim(x0, x1)
     ax.set_ylim(-0.6, n_rows - 0.4)
     ax.axis("off")
 
     for i, (layer, lo, hi) in enumerate(layout.bands):
         shade = LAYER_SHADES[i % 2]
-        ax.add_patch(Rectangle((x0, lo), x1 - x0, hi - lo, facecolor=shade, edgecolor="none", zorder=0, gid=f"layer_{layer}"))
-        ax.text(x0 + 0.08, (lo + hi) / 2, f"layer {layer}", ha="left", va="center", fontsize=7, color="#555555", zorder=1)
-
+        ax.add_patch(Rectangle((x0, lo), x1 - x0, hi - lo, facecolor=shade, edgecolor="none", zorder=0,
+                               gid=f"layer_{layer}{suffix}"))
+        if layer_labels:
+            ax.text(x0 + 0.08, (lo + hi) / 2, f"layer {layer}", ha="left", va="center", fontsize=7, color="#555555", zorder=1)
     for row in layout.rows:  # one tinted, labelled box per run of same-group heads in a row
         for g, run in itertools.groupby(row, key=layout.group_of.get):
             if g is None:
@@ -280,7 +339,7 @@ def draw_circuit(
             ax.add_patch(FancyBboxPatch(
                 (min(xs) - _BOX_W / 2 - 0.06, y - _BOX_H / 2 - 0.07), max(xs) - min(xs) + _BOX_W + 0.12, _BOX_H + 0.14,
                 boxstyle="round,pad=0,rounding_size=0.08", facecolor=color, alpha=0.35, edgecolor=color, lw=1.2,
-                zorder=1, gid=f"group_G{g + 1}_{run[0]}"))
+                zorder=1, gid=f"group_G{g + 1}_{run[0]}{suffix}"))
             ax.text(min(xs) - _BOX_W / 2 - 0.04, y + _BOX_H / 2 + 0.09, f"G{g + 1}", ha="left", va="bottom",
                     fontsize=6.5, color="#333333", fontweight="bold", zorder=4)
 
@@ -295,7 +354,7 @@ def draw_circuit(
         ax.add_patch(FancyArrowPatch(
             start, end, arrowstyle="-|>", mutation_scale=6 + width, lw=width, color=EDGE_COLORS[edge.letter],
             linestyle=_line_style(edge.score), connectionstyle=f"arc3,rad={rad}", shrinkA=0, shrinkB=1, alpha=0.9,
-            zorder=2, gid=f"edge_{edge.src}_to_{edge.dst}"))
+            zorder=2, gid=f"edge_{edge.src}_to_{edge.dst}{suffix}"))
 
     for row in layout.rows:
         for node in row:
@@ -306,7 +365,7 @@ def draw_circuit(
             ax.add_patch(FancyBboxPatch(
                 (x - w / 2, y - _BOX_H / 2), w, _BOX_H, boxstyle="round,pad=0,rounding_size=0.06",
                 facecolor=NODE_FILLS[kind] if used else "#F5F5F5", edgecolor="#222222" if used else UNUSED_COLOR,
-                lw=1.0 if used else 0.6, zorder=3, gid=f"node_{node}"))
+                lw=1.0 if used else 0.6, zorder=3, gid=f"node_{node}{suffix}"))
             ax.text(x, y + (0.03 if kind == "head" and circuit.graph.qkv_split else 0), node, ha="center", va="center",
                     fontsize=7, color="#111111" if used else UNUSED_COLOR, zorder=4)
             if kind == "head" and circuit.graph.qkv_split and circuit.graph.level == "edge":
@@ -314,7 +373,7 @@ def draw_circuit(
                     px, py = _port(f"{node}.{t}", layout)
                     on = f"{node}.{t}" in live
                     ax.plot([px], [py], ls="none", color=EDGE_COLORS[t], marker="o", ms=3.2, mfc=EDGE_COLORS[t] if on else "white",
-                            mec=EDGE_COLORS[t] if used else UNUSED_COLOR, mew=0.7, zorder=5, gid=f"port_{node}.{t}")
+                            mec=EDGE_COLORS[t] if used else UNUSED_COLOR, mew=0.7, zorder=5, gid=f"port_{node}.{t}{suffix}")
 
     handles = []
     if circuit.graph.level == "edge":
@@ -330,10 +389,7 @@ def draw_circuit(
     for g, members in enumerate(groups):
         handles.append(Patch(facecolor=GROUP_COLORS[g % len(GROUP_COLORS)], alpha=0.35,
                              label=f"G{g + 1}: {', '.join(members)}"))
-    if handles:
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
-    ax.set_title(title if title is not None else _default_title(circuit), fontsize=9)
-    return _save(fig, path, dpi)
+    return {h.get_label(): h for h in handles}
 
 
 def _save(fig, path: str | os.PathLike, dpi: int) -> Path:
@@ -373,6 +429,9 @@ def to_dot(circuit: Circuit, *, hide_unused: bool = True, title: str | None = No
     widths and styles; layers are shaded clusters, heads of a layer one rank, and a head of a q/k/v
     graph an HTML-like label with ports ``q``, ``k``, ``v`` that edges enter from below."""
     graph = circuit.graph
+    if circuit.positions is not None:
+        raise ValueError("to_dot draws position-free circuits; draw a position-aware one with draw_circuit (positions "
+                         "as columns) or merge its positions first (circuit.merge_positions())")
     layout = _layout(circuit, hide_unused)
     touched = touched_nodes(circuit)
     live = live_inputs(circuit)
@@ -458,11 +517,15 @@ def node_scores(circuit: Circuit, reduce: str = "sum") -> np.ndarray:
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {', '.join(REDUCTIONS)}, got {reduce!r}")
     graph = circuit.graph
+    magnitudes = np.abs(circuit.scores)
+    if circuit.positions is not None:  # a unit's |score| over its positions, combined as over edges
+        combined = np.nansum(magnitudes, axis=0) if reduce == "sum" else np.nanmax(np.nan_to_num(magnitudes, nan=-np.inf), axis=0)
+        magnitudes = np.where(np.isnan(magnitudes).all(0), np.nan, combined)
     if graph.level == "node":
-        return np.abs(circuit.scores)
+        return magnitudes
     index = {n: i for i, n in enumerate(graph.sources)}
     values: list[list[float]] = [[] for _ in graph.sources]
-    for (src, dst), score in zip(edge_endpoints(graph), circuit.scores.tolist()):
+    for (src, dst), score in zip(edge_endpoints(graph), magnitudes.tolist()):
         if math.isnan(score):
             continue
         for node in {_owner(src), _owner(dst)} - {"logits"}:
@@ -490,6 +553,8 @@ def plot_scores(
     graph = circuit.graph
     if per_edge and graph.level != "edge":
         raise ValueError("per-edge scores need an edge-level circuit; this one is node-level")
+    if per_edge and circuit.positions is not None:
+        raise ValueError("per-edge scores of a position-aware circuit: merge its positions first (circuit.merge_positions())")
     scores = node_scores(circuit, reduce)
     by_name = dict(zip(graph.sources, scores))
     L, H = graph.n_layers, graph.n_heads

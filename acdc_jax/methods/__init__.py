@@ -14,6 +14,7 @@ from ..graph import GraphError, Level
 from ..models import Transformer, load_model
 from ..tasks import Task, TaskError, get_task
 from ._circuit import Circuit
+from ._positions import PositionUnits
 from ._problem import Problem
 
 # One module per method, importable by its name (``acdc_jax.methods.acdc.visit_order``); the
@@ -164,11 +165,13 @@ def attach_reference_scores(circuit: Circuit, task: Task) -> str | None:
         return reason
     if labels.all() or not labels.any():
         return None
-    circuit.extra["auc"] = roc_auc(circuit.scores, labels)
-    precision, recall = precision_recall(circuit.kept_mask(), labels)
+    per_edge = circuit.merge_positions()  # the canonical circuits name edges, not positions
+    circuit.extra["auc"] = roc_auc(per_edge.scores, labels)
+    precision, recall = precision_recall(per_edge.kept_mask(), labels)
     circuit.extra["precision"] = precision
     circuit.extra["recall"] = recall
-    circuit.extra["reference"] = {"ablation": canonical.ablation, "n_units": int(labels.sum()), "source": canonical.source}
+    circuit.extra["reference"] = {"ablation": canonical.ablation, "n_units": int(labels.sum()), "source": canonical.source,
+                                  **({} if circuit.positions is None else {"positions": "merged: an edge at any position"})}
     return None
 
 
@@ -177,6 +180,7 @@ __all__ = [
     "Circuit",
     "MethodSpec",
     "Path",
+    "PositionUnits",
     "Problem",
     "acdc",
     "atp_star",

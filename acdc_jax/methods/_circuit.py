@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..graph import Graph
+from ._positions import PositionUnits, split_unit_name
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: position-aware circuits ("positions"); version-1 files (no positions) still load
 
 
 @dataclasses.dataclass
@@ -25,6 +26,15 @@ class Circuit:
     matters more to the clean behaviour. Units a method never tested carry NaN.
     ``metric_value`` is the task metric of the pruned model: kept units at 1, everything else
     ablated (``ablation``).
+
+    **Position-aware circuits** (``positions`` set, see ``methods._positions``): a unit is a gate unit
+    at one position unit, and ``scores`` is ``[n_positions, n_gates]``: ``scores[u, i]`` belongs to
+    ``graph.gate_names[i]`` at the token positions ``positions.spans[u]`` (label
+    ``positions.labels[u]``). Unit names are ``"{edge}@{label}"`` (``"a0.1->logits@3"``, or
+    ``"a1.0->logits@END"``), unit-major (``names[k]`` is ``scores.reshape(-1)[k]``), and ``kept``
+    holds such names; ``gates()`` is then ``[n_pos, n_gates]``, the graph's per-position gates.
+    ``merge_positions()`` is the position-free circuit (scores summed over positions, an edge kept
+    at any position).
     """
 
     method: str
@@ -39,13 +49,17 @@ class Circuit:
     seconds: float = 0.0
     settings: dict = dataclasses.field(default_factory=dict)
     extra: dict = dataclasses.field(default_factory=dict)
+    positions: PositionUnits | None = None
 
     def __post_init__(self):
         self.scores = np.asarray(self.scores, np.float64)
-        if self.scores.shape != (self.graph.n_gates,):
-            raise ValueError(f"a circuit needs one score per gate unit ({self.graph.n_gates}), got {self.scores.shape}")
+        shape = (self.graph.n_gates,) if self.positions is None else (self.positions.n_units, self.graph.n_gates)
+        if self.scores.shape != shape:
+            per = "" if self.positions is None else f" at each of {self.positions.n_units} position units"
+            raise ValueError(f"a circuit needs one score per gate unit ({self.graph.n_gates}){per}: shape {shape}, "
+                             f"got {self.scores.shape}")
         self.kept = tuple(self.kept)
-        self.graph.indices(self.kept)  # unknown names fail here, with close matches
+        self.indices(self.kept)  # unknown names fail here, with close matches
 
     @classmethod
     def of(cls, problem, method: str, scores, kept, **fields) -> "Circuit":
@@ -55,28 +69,68 @@ class Circuit:
 
     @property
     def names(self) -> tuple[str, ...]:
-        return self.graph.gate_names
+        """Every unit's name, in the order of ``scores.reshape(-1)``."""
+        if self.positions is None:
+            return self.graph.gate_names
+        return self.positions.unit_names(self.graph.gate_names)
 
     @property
     def n_kept(self) -> int:
         return len(self.kept)
 
+    def index(self, name: str) -> int:
+        """Position of a unit in ``scores.reshape(-1)``."""
+        if self.positions is None:
+            return self.graph.index(name)
+        gate, label = split_unit_name(name)
+        if label not in self.positions.labels:
+            raise KeyError(f"unknown position label {label!r} in {name!r}; this circuit's are {list(self.positions.labels)}")
+        return self.positions.labels.index(label) * self.graph.n_gates + self.graph.index(gate)
+
+    def indices(self, names) -> np.ndarray:
+        return np.array([self.index(n) for n in names], dtype=np.int64)
+
     def score(self, name: str) -> float:
-        return float(self.scores[self.graph.index(name)])
+        return float(self.scores.reshape(-1)[self.index(name)])
 
     def kept_mask(self) -> np.ndarray:
-        mask = np.zeros(self.graph.n_gates, bool)
-        mask[self.graph.indices(self.kept)] = True
-        return mask
+        """Where the kept units are, in the shape of ``scores``."""
+        mask = np.zeros(self.scores.size, bool)
+        mask[self.indices(self.kept)] = True
+        return mask.reshape(self.scores.shape)
 
     def gates(self, dtype=jnp.float32):
-        """1 on the kept units, 0 elsewhere."""
-        return jnp.asarray(self.kept_mask(), dtype)
+        """1 on the kept units, 0 elsewhere; ``[n_pos, n_gates]`` (per token position) when position-aware."""
+        mask = self.kept_mask()
+        if self.positions is not None:
+            mask = self.positions.expand(mask)
+        return jnp.asarray(mask, dtype)
 
     def top(self, n: int) -> list[tuple[str, float]]:
         """The ``n`` highest-scoring units (NaN scores last)."""
-        order = np.argsort(-np.nan_to_num(self.scores, nan=-np.inf), kind="stable")[:n]
-        return [(self.names[i], float(self.scores[i])) for i in order]
+        flat = self.scores.reshape(-1)
+        order = np.argsort(-np.nan_to_num(flat, nan=-np.inf), kind="stable")[:n]
+        names = self.names
+        return [(names[i], float(flat[i])) for i in order]
+
+    def merge_positions(self) -> "Circuit":
+        """The position-free circuit: each gate unit's score summed over its position units (for the
+        gradient methods exactly the position-free score, up to rounding; NaN where no position was
+        scored), and a gate unit kept when it is kept at any position. ``metric_value`` is dropped (the
+        merged set is another circuit); the position units stay in ``extra["merged_positions"]``."""
+        if self.positions is None:
+            return self
+        scores = np.where(np.isnan(self.scores).all(0), np.nan, np.nansum(self.scores, axis=0))
+        kept_any = self.kept_mask().any(0)
+        extra = dict(self.extra)
+        signed = np.asarray(extra.get("signed", []), np.float64)
+        if signed.shape == self.scores.shape:
+            extra["signed"] = signed.sum(0)
+        extra["merged_positions"] = self.positions.to_dict()
+        return dataclasses.replace(
+            self, scores=scores, kept=tuple(n for n, k in zip(self.graph.gate_names, kept_any) if k), positions=None,
+            metric_value=None, extra=extra,
+        )
 
     # ------------------------------------------------------------------ JSON
 
@@ -93,7 +147,8 @@ class Circuit:
             "graph": dataclasses.asdict(self.graph),
             "level": self.graph.level,
             f"n_{key}_total": self.graph.n_gates,
-            key: {name: _json_float(s) for name, s in zip(self.names, self.scores)},
+            **({} if self.positions is None else {"positions": self.positions.to_dict()}),
+            key: {name: _json_float(s) for name, s in zip(self.names, self.scores.reshape(-1))},
             "circuit": list(self.kept),
             "n_kept": self.n_kept,
             "metric_value": self.metric_value,
@@ -106,15 +161,22 @@ class Circuit:
     def from_dict(cls, data: dict) -> "Circuit":
         if data.get("format") != "acdc-jax circuit":
             raise ValueError("not an acdc-jax circuit JSON (missing 'format': 'acdc-jax circuit')")
+        if data.get("version", 1) > FORMAT_VERSION:
+            raise ValueError(f"the circuit JSON has format version {data['version']}; this acdc-jax reads up to "
+                             f"{FORMAT_VERSION}: upgrade acdc-jax")
         graph = Graph(**data["graph"])
         key = "edges" if graph.level == "edge" else "nodes"
         table = data[key]
-        missing = [n for n in graph.gate_names if n not in table]
+        positions = PositionUnits.from_dict(data["positions"]) if data.get("positions") else None
+        names = graph.gate_names if positions is None else positions.unit_names(graph.gate_names)
+        missing = [n for n in names if n not in table]
         if missing:
             raise ValueError(f"the circuit JSON lacks scores for {len(missing)} units, e.g. {missing[:3]}")
-        scores = np.array([np.nan if table[n] is None else table[n] for n in graph.gate_names], np.float64)
+        scores = np.array([np.nan if table[n] is None else table[n] for n in names], np.float64)
+        if positions is not None:
+            scores = scores.reshape(positions.n_units, graph.n_gates)
         known = {"format", "version", "method", "task", "metric", "ablation", "threshold", "graph", "level",
-                 f"n_{key}_total", key, "circuit", "n_kept", "metric_value", "seconds", "settings"}
+                 f"n_{key}_total", key, "circuit", "n_kept", "metric_value", "seconds", "settings", "positions"}
         return cls(
             method=data["method"],
             task=data["task"],
@@ -128,6 +190,7 @@ class Circuit:
             seconds=data.get("seconds", 0.0),
             settings=data.get("settings", {}),
             extra={k: v for k, v in data.items() if k not in known},
+            positions=positions,
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -142,8 +205,10 @@ class Circuit:
 
     def summary(self, n: int = 10) -> str:
         unit = "edges" if self.graph.level == "edge" else "nodes"
+        of = (f"{self.graph.n_gates} {unit}" if self.positions is None
+              else f"{self.scores.size} units ({self.graph.n_gates} {unit} x {self.positions.n_units} position units)")
         lines = [
-            f"{self.method} on {self.task}: kept {self.n_kept} of {self.graph.n_gates} {unit}"
+            f"{self.method} on {self.task}: kept {self.n_kept} of {of}"
             + (f" at threshold {self.threshold:g}" if self.threshold is not None else ""),
             f"  {self.metric} of the circuit ({self.ablation} ablation): "
             + ("n/a" if self.metric_value is None else f"{self.metric_value:.6g}"),

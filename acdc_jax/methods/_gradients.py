@@ -38,6 +38,7 @@ from ..models import Probes, gated_forward, rows_shared
 from ..patching import (GatedRun, auto_chunk_size, backward_forwards, bytes_per_configuration, chunked_vmap,
                         device_memory_bytes, graph_reads, remat_pays, source_values)
 from ._circuit import Circuit
+from ._positions import PositionUnits
 from ._problem import Problem
 
 # --------------------------------------------------------------------------------------------
@@ -328,30 +329,39 @@ def attribution_circuit(
     settings: dict,
     extra: dict | None = None,
     scores: np.ndarray | None = None,
+    positions: PositionUnits | None = None,
 ) -> Circuit:
     """A ``Circuit`` from signed estimates: ``scores`` are ``|signed|`` with ``absolute``, else ``signed``.
 
     ``kept`` is the ``top_n`` highest scores, or every unit scoring at least ``threshold``; with
     neither, nothing is cut (``kept`` is empty and ``metric_value`` is None): the scores are a
-    ranking, and the caller decides where to cut it.
+    ranking, and the caller decides where to cut it. With ``positions``, ``signed`` is
+    ``[n_units, n_gates]`` and the units are (gate, position unit) pairs.
     """
     signed = np.asarray(signed, np.float64)
     if scores is None:
         scores = np.abs(signed) if absolute else signed
     if top_n is not None and threshold is not None:
         raise ValueError("give top_n or threshold, not both")
-    names = problem.graph.gate_names
+    graph = problem.graph
+    names = graph.gate_names if positions is None else positions.unit_names(graph.gate_names)
+    flat = np.asarray(scores, np.float64).reshape(-1)
     kept: tuple[str, ...] = ()
     metric_value = None
     if top_n is not None:
         if not 0 <= int(top_n) <= len(names):
             raise ValueError(f"top_n must be between 0 and {len(names)}, got {top_n}")
-        order = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")[: int(top_n)]
+        order = np.argsort(-np.nan_to_num(flat, nan=-np.inf), kind="stable")[: int(top_n)]
         kept = tuple(names[i] for i in sorted(order))
     elif threshold is not None:
-        kept = tuple(names[i] for i in np.flatnonzero(np.nan_to_num(scores, nan=-np.inf) >= threshold))
+        kept = tuple(names[i] for i in np.flatnonzero(np.nan_to_num(flat, nan=-np.inf) >= threshold))
     if top_n is not None or threshold is not None:
-        metric_value = computation(problem).evaluate(problem.graph.gates_from_names(kept, problem.model.dtype))
+        mask = np.zeros(flat.size, np.float32)
+        lookup = {n: i for i, n in enumerate(names)}
+        mask[[lookup[n] for n in kept]] = 1.0
+        if positions is not None:
+            mask = positions.expand(mask.reshape(positions.n_units, graph.n_gates))
+        metric_value = computation(problem).evaluate(jnp.asarray(mask, problem.model.dtype))
     extra = dict(extra or {})
     extra.setdefault("signed", signed)
     return Circuit.of(
@@ -369,4 +379,5 @@ def attribution_circuit(
             "top_n": top_n,
         },
         extra=extra,
+        positions=positions,
     )

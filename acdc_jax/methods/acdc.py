@@ -41,6 +41,15 @@ same decisions. ``width`` (``max_batch``, at most ``chunk_size``) trades evaluat
 evaluates each edge exactly once (the cheapest on a CPU, where configurations cost in sequence),
 more fills an accelerator whose batch of configurations costs about what one does. Decisions do
 not depend on it.
+
+**Positions** (``positions=``, see ``methods._positions``): every edge gets one gate per position
+unit (a token position, or a labelled span), and the units visited are (edge, position unit) pairs:
+the destinations and, within one, the edges in the order above, and for each edge its position
+units from the last to the first (later positions read earlier ones, so the last comes first, in
+the spirit of the reverse topological order), each removed when the metric moves by less than the
+threshold. A destination counts as feeding something while any edge out of its node is kept at any
+position unit (and its internal edge, when listed, at any position unit); the search state is one
+gate per (position unit, edge), and every evaluation runs the gates expanded to every token position.
 """
 
 from __future__ import annotations
@@ -68,6 +77,7 @@ from ..metrics import Metric, get_metric
 from ..models import gated_forward
 from ..patching import auto_chunk_size
 from ._circuit import Circuit
+from ._positions import PositionUnits, resolve_positions
 from ._problem import Problem
 
 CHECKPOINT_VERSION = 2
@@ -178,7 +188,9 @@ class _Plan(NamedTuple):
     search scope are never tested), ``layers`` their start layers (padding: a large number),
     ``outgoing[g]`` the residual edges out of the group's consumer (padding: ``n_gates``, which
     reads as 0), ``has_consumer[g]`` whether the group needs its consumer connected at all, and
-    ``via[g]`` the internal edge that must still be kept (-1: none)."""
+    ``via[g]`` the internal edge that must still be kept at some position unit (-1: none).
+    With positions, gate indices are ``unit * n_gates + edge`` and ``unit_of`` maps token
+    positions to position units (None without positions)."""
 
     units: jax.Array
     layers: jax.Array
@@ -186,6 +198,7 @@ class _Plan(NamedTuple):
     outgoing: jax.Array
     has_consumer: jax.Array
     via: jax.Array
+    unit_of: jax.Array | None = None
 
 
 class _Carry(NamedTuple):
@@ -207,25 +220,42 @@ class _Carry(NamedTuple):
 _NO_LAYER = 1 << 30
 
 
-def _plan(graph: Graph, groups: list[_Group], out_of_scope: np.ndarray) -> _Plan:
-    n = graph.n_gates
-    outgoing = _outgoing_edges(graph)
+def _plan(graph: Graph, groups: list[_Group], out_of_scope: np.ndarray, units: PositionUnits | None = None) -> _Plan:
+    n_units = 1 if units is None else units.n_units
+    n = graph.n_gates * n_units
+    at_every_unit = (np.arange(n_units) * graph.n_gates)[:, None]
+    outgoing = {s: (at_every_unit + e[None, :]).reshape(-1) for s, e in _outgoing_edges(graph).items()}
     width = max([1] + [int((~out_of_scope[g.units]).sum()) for g in groups])
     fan_out = max([1] + [len(outgoing[g.consumer]) for g in groups if g.consumer >= 0])
-    units = np.zeros((len(groups), width), np.int32)
+    units_ = np.zeros((len(groups), width), np.int32)
     layers = np.full((len(groups), width), _NO_LAYER, np.int32)
     length = np.zeros(len(groups), np.int32)
     out = np.full((len(groups), fan_out), n, np.int32)
     for i, group in enumerate(groups):
         scope = ~out_of_scope[group.units]
         k = int(scope.sum())
-        units[i, :k], layers[i, :k], length[i] = group.units[scope], group.layers[scope], k
+        units_[i, :k], layers[i, :k], length[i] = group.units[scope], group.layers[scope], k
         if group.consumer >= 0:
             edges = outgoing[group.consumer]
             out[i, : len(edges)] = edges
     has_consumer = np.array([g.consumer >= 0 for g in groups])
-    via = np.array([g.via for g in groups], np.int32)
-    return _Plan(*(jnp.asarray(a) for a in (units, layers, length, out, has_consumer, via)))
+    via = np.array([[-1] * n_units if g.via < 0 else (at_every_unit[:, 0] + g.via).tolist() for g in groups], np.int32)
+    unit_of = None if units is None else jnp.asarray(units.unit_of)
+    return _Plan(*(jnp.asarray(a) for a in (units_, layers, length, out, has_consumer, via)), unit_of)
+
+
+def _with_positions(groups: list[_Group], n_gates: int, n_units: int) -> list[_Group]:
+    """The groups over (edge, position unit) pairs: each edge's position units from the last to the first."""
+    order = np.arange(n_units)[::-1] * n_gates
+    return [dataclasses.replace(g, units=(g.units[:, None] + order[None, :]).reshape(-1).astype(np.int32),
+                                layers=np.repeat(g.layers, n_units)) for g in groups]
+
+
+def _token_gates(gates, unit_of, n_gates: int):
+    """Search gates (one per position unit and edge, flat) as the graph's per-position gates."""
+    if unit_of is None:
+        return gates
+    return gates.reshape(-1, n_gates)[unit_of]
 
 
 @eqx.filter_jit
@@ -246,15 +276,19 @@ def _search(problem: Problem, deltas, plan: _Plan, carry: _Carry, threshold, max
     n_groups, n_slots = plan.units.shape
     cols = jnp.arange(width)
     n_layers = problem.model.config.n_layers
+    n_edges = problem.graph.n_gates  # per position unit: the search's gates are [n_units * n_edges]
 
     def losses_of(start, rows):
-        return jax.vmap(lambda gates: problem.loss_from(start, deltas, gates))(rows).astype(carry.loss.dtype)
+        def one(gates):
+            return problem.loss_from(start, deltas, _token_gates(gates, plan.unit_of, n_edges))
+
+        return jax.vmap(one)(rows).astype(carry.loss.dtype)
 
     def connected(c):
         g = c.group
         feeds = jnp.any(jnp.concatenate([c.gates, jnp.zeros(1, c.gates.dtype)])[plan.outgoing[g]] > 0)
-        via = plan.via[g]
-        via_kept = (via < 0) | (c.gates[jnp.maximum(via, 0)] > 0)
+        via = plan.via[g]  # the internal edge at every position unit (-1: none)
+        via_kept = (via[0] < 0) | jnp.any(c.gates[jnp.maximum(via, 0)] > 0)
         return ~plan.has_consumer[g] | (feeds & via_kept)
 
     def settle(c):
@@ -381,6 +415,7 @@ def acdc(
     progress: Callable[[dict], None] | None = None,
     _guard: _SignalGuard | None = None,
     node_prepass: float | None = None,
+    positions=None,
 ) -> Circuit:
     """Run ACDC on ``problem`` and return the pruned circuit.
 
@@ -401,6 +436,11 @@ def acdc(
     - ``node_prepass``: first run ACDC over nodes at this threshold and search only the edges
       between the nodes it keeps (a cheaper, non-exact first pass); its result is in
       ``circuit.extra["node_prepass"]``.
+    - ``positions``: ``None`` (edges), ``"each"`` (every edge at every token position), ``"labels"``
+      (at each of the task's labelled positions, the rest as ``other``) or a mapping
+      ``label -> positions``: the units are (edge, position unit) pairs, visited as the module
+      docstring says; the circuit's scores are ``[n_positions, n_gates]`` and its kept names
+      ``"edge@label"``.
     """
     if not np.isfinite(threshold) or threshold < 0:
         raise ValueError(f"threshold must be a number >= 0, got {threshold}")
@@ -417,14 +457,18 @@ def acdc(
         prepass = acdc(problem.with_graph(node_graph), threshold=node_prepass, max_batch=max_batch, chunk_size=chunk_size)
         nodes = set(prepass.kept)
     graph = problem.graph
+    units = resolve_positions(problem, positions)
+    n_units = 1 if units is None else units.n_units
     groups = visit_order(graph)
-    n = graph.n_gates
+    if units is not None:
+        groups = _with_positions(groups, graph.n_gates, n_units)
+    n = graph.n_gates * n_units
     gates = np.ones(n, np.float32)
     scores = np.full(n, np.nan)
 
     out_of_scope = np.zeros(n, bool)
     if nodes is not None:
-        out_of_scope = _outside(graph, set(nodes) | {"embed", "logits"})
+        out_of_scope = np.tile(_outside(graph, set(nodes) | {"embed", "logits"}), n_units)
         gates[out_of_scope] = 0.0
 
     settings = {
@@ -435,6 +479,7 @@ def acdc(
         "ablation": problem.ablation,
         "nodes": sorted(nodes) if nodes is not None else None,
         "max_batch": int(max_batch),
+        **({} if units is None else {"positions": units.to_dict()}),
     }
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -454,11 +499,11 @@ def acdc(
         state = saved["state"]
     elapsed_before = float(state.get("seconds", 0.0))
 
-    deltas = _starting_deltas(problem, starting_gates)
+    deltas = _starting_deltas(problem, starting_gates if units is None else units.expand(starting_gates.reshape(n_units, -1)))
     if chunk_size is None:
         chunk_size = auto_chunk_size(problem.run, max_batch)
     width = int(max(1, min(max_batch, chunk_size)))
-    plan = _plan(graph, groups, out_of_scope)
+    plan = _plan(graph, groups, out_of_scope, units)
     n_groups = len(groups)
     if "loss" not in state:  # a fresh run: the loss of the starting gates, computed at the first group's layer
         state |= {"loss": float("nan"), "loss_layer": -1}
@@ -517,12 +562,13 @@ def acdc(
             steps_per_call *= 2
 
     save(final=True)
-    kept = tuple(graph.gate_names[i] for i in np.flatnonzero(gates > 0))
-    final_gates = jnp.asarray(gates)
+    names = graph.gate_names if units is None else units.unit_names(graph.gate_names)
+    kept = tuple(names[i] for i in np.flatnonzero(gates > 0))
+    final_gates = jnp.asarray(gates if units is None else units.expand(gates.reshape(n_units, -1)))
     circuit = Circuit.of(
         problem,
         "acdc",
-        scores=scores,
+        scores=scores if units is None else scores.reshape(n_units, -1),
         kept=kept,
         threshold=float(threshold),
         metric_value=problem.evaluate(final_gates),
@@ -530,6 +576,7 @@ def acdc(
         settings=settings,
         extra={"evaluations": state["evaluations"], "batches": state["batches"],
                "forward_equivalents": round(state.get("work", 0.0), 3), "floor_forward_equivalents": round(state.get("needed", 0.0), 3)},
+        positions=units,
     )
     if prepass is not None:
         circuit.extra["node_prepass"] = {"threshold": node_prepass, "kept": list(prepass.kept), "seconds": prepass.seconds}

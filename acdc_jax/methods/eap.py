@@ -35,15 +35,19 @@ import numpy as np
 
 from ._circuit import Circuit
 from ._gradients import MINIMUM_AT_CLEAN, attribution_circuit, gate_point_logits, pullback, shares_rows
+from ._positions import resolve_positions
 from ._problem import Problem
 
 
 def gate_gradients(problem: Problem, points, *, chunk_size: int | None = None) -> np.ndarray:
-    """``d loss / d gates`` at each gate vector of ``points`` (``[n_points, n_gates]``), summed exactly
-    over the prompts (chunked if needed); one compilation per number of points."""
+    """``d loss / d gates`` at each gate vector of ``points`` (``[n_points, n_gates]``, or per-position
+    gates ``[n_points, n_pos, n_gates]``), summed exactly over the prompts (chunked if needed); one
+    compilation per number of points."""
     points = jnp.asarray(points, problem.model.dtype)
-    if points.ndim != 2 or points.shape[1] != problem.graph.n_gates:
-        raise ValueError(f"points must be [n_points, {problem.graph.n_gates}] gate vectors, got {points.shape}")
+    n_gates, n_pos = problem.graph.n_gates, problem.run.tokens.shape[1]
+    if points.ndim not in (2, 3) or points.shape[-1] != n_gates or (points.ndim == 3 and points.shape[1] != n_pos):
+        raise ValueError(f"points must be [n_points, {n_gates}] gate vectors or [n_points, {n_pos}, {n_gates}] "
+                         f"per-position gates, got {points.shape}")
     _, grad, _ = pullback(
         problem,
         gate_point_logits,
@@ -64,6 +68,7 @@ def eap(
     top_n: int | None = None,
     threshold: float | None = None,
     chunk_size: int | None = None,
+    positions=None,
 ) -> Circuit:
     """EAP scores for every gate unit of ``problem`` (see the module docstring for the definition).
 
@@ -72,6 +77,10 @@ def eap(
       signed scores are always in ``circuit.extra["signed"]``.
     - ``top_n`` / ``threshold``: where to cut the ranking for ``circuit.kept`` (default: no cut).
     - ``chunk_size``: (point, prompt) configurations per vmapped chunk (default: what fits).
+    - ``positions``: ``None`` (one score per unit), ``"each"`` (one per unit and token position),
+      ``"labels"`` (per task label) or a mapping ``label -> positions`` (``methods._positions``): the
+      score of a unit at a span is the gradient with respect to the per-position gates, summed over
+      the span; a unit's scores over its position units add up to its position-free score.
     """
     if point not in ("clean", "corrupted"):
         raise ValueError(f"point must be 'clean' or 'corrupted', got {point!r}")
@@ -84,7 +93,13 @@ def eap(
         )
     started = time.perf_counter()
     base = 1.0 if point == "clean" else 0.0
-    grad = gate_gradients(problem, problem.graph.gates(base, problem.model.dtype)[None], chunk_size=chunk_size)[0]
+    units = resolve_positions(problem, positions)
+    point_gates = problem.graph.gates(base, problem.model.dtype)
+    if units is not None:
+        point_gates = jnp.broadcast_to(point_gates, (units.n_pos, problem.graph.n_gates))
+    grad = gate_gradients(problem, point_gates[None], chunk_size=chunk_size)[0]
+    if units is not None:
+        grad = units.reduce(grad)
     return attribution_circuit(
         problem,
         "eap",
@@ -93,5 +108,7 @@ def eap(
         top_n=top_n,
         threshold=threshold,
         started=started,
-        settings={"point": point, "metric": problem.metric.name, "ablation": problem.ablation},
+        settings={"point": point, "metric": problem.metric.name, "ablation": problem.ablation,
+                  **({} if units is None else {"positions": units.to_dict()})},
+        positions=units,
     )

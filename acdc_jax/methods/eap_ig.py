@@ -57,6 +57,7 @@ from ._gradients import (
     run_probed,
     shares_rows,
 )
+from ._positions import resolve_positions
 from ._problem import Problem
 from .eap import gate_gradients
 
@@ -80,15 +81,21 @@ def quadrature(steps: int, rule: str = "midpoint") -> tuple[np.ndarray, np.ndarr
     raise ValueError(f"unknown quadrature rule {rule!r}; choose one of {', '.join(RULES)}")
 
 
-def integrated_gate_gradient(problem: Problem, alphas, weights, *, chunk_size: int | None = None) -> np.ndarray:
-    """``sum_j weights[j] * (d loss / d gates)(alphas[j] * 1)``, summed exactly over the prompts."""
+def integrated_gate_gradient(problem: Problem, alphas, weights, *, chunk_size: int | None = None,
+                             per_position: bool = False) -> np.ndarray:
+    """``sum_j weights[j] * (d loss / d gates)(alphas[j] * 1)``, summed exactly over the prompts;
+    ``per_position``: with respect to the per-position gates, ``[n_pos, n_gates]``."""
     alphas = np.asarray(alphas, np.float64)
-    points = alphas[:, None] * np.ones((1, problem.graph.n_gates))
-    return np.asarray(weights, np.float64) @ gate_gradients(problem, points, chunk_size=chunk_size)
+    shape = (problem.run.tokens.shape[1],) if per_position else ()
+    points = alphas.reshape((-1,) + (1,) * (len(shape) + 1)) * np.ones((1,) + shape + (problem.graph.n_gates,))
+    grads = gate_gradients(problem, points, chunk_size=chunk_size)
+    return np.tensordot(np.asarray(weights, np.float64), grads, axes=1)
 
 
-def input_path_gradients(problem: Problem, alphas, *, chunk_size: int | None = None) -> np.ndarray:
-    """``[n_points, n_gates]``: ``(x_s - x~_s) . (d loss / d in_d)`` with the embedding at each ``alpha``.
+def input_path_gradients(problem: Problem, alphas, *, chunk_size: int | None = None,
+                         per_position: bool = False) -> np.ndarray:
+    """``[n_points, n_gates]``: ``(x_s - x~_s) . (d loss / d in_d)`` with the embedding at each ``alpha``
+    (``per_position``: ``[n_points, n_pos, n_gates]``, by destination position).
 
     ``x_s - x~_s`` are the clean run's differences; every gate is at 1 and only the embedding is
     interpolated (see the module docstring). One compilation per number of points.
@@ -97,14 +104,16 @@ def input_path_gradients(problem: Problem, alphas, *, chunk_size: int | None = N
     graph = problem.graph
     alphas = jnp.asarray(alphas, dtype)
     n_points = int(alphas.shape[0])
-    ones, difference = graph.gates(1.0, dtype), input_difference_aux(problem)
+    shape = (problem.run.tokens.shape[1],) if per_position else ()
+    ones, difference = jnp.ones(shape + (graph.n_gates,), dtype), input_difference_aux(problem)
+    difference["ghost_base"] = jnp.broadcast_to(difference["ghost_base"], ones.shape)  # a per-position ghost
     _, grad, _ = pullback(
         problem,
         embed_path_logits,
         n_points=n_points,
         weights=jnp.ones(n_points),
         aux={"gates": ones, "alphas": alphas, **difference, "shared_rows": shares_rows(graph, ones, difference["ghost_base"])},
-        shared=jnp.zeros((n_points, graph.n_gates), dtype),
+        shared=jnp.zeros((n_points,) + shape + (graph.n_gates,), dtype),
         chunk_size=chunk_size,
     )
     grad = fold_internal_edges(graph, np.array(grad, np.float64))  # a writable copy
@@ -121,11 +130,15 @@ def eap_ig(
     top_n: int | None = None,
     threshold: float | None = None,
     chunk_size: int | None = None,
+    positions=None,
 ) -> Circuit:
     """EAP-IG scores for every gate unit of ``problem`` (see the module docstring).
 
     ``steps``/``rule`` choose the quadrature, ``variant`` the path (``"gates"`` or ``"inputs"``);
-    ``absolute``, ``top_n``, ``threshold`` and ``chunk_size`` are as in ``eap``.
+    ``absolute``, ``top_n``, ``threshold``, ``chunk_size`` and ``positions`` are as in ``eap`` (with
+    positions, the per-position gradients are integrated along the same path: for ``gates`` every
+    per-position gate at alpha, so the scores over a unit's positions add up to its position-free
+    score).
     ``circuit.extra["completeness"]`` compares the score sum with the loss difference it should
     equal (all edges for ``gates``, the edges out of ``embed`` for ``inputs``).
     """
@@ -135,16 +148,21 @@ def eap_ig(
     alphas, weights = quadrature(steps, rule)
     dtype = problem.model.dtype
     graph = problem.graph
+    units = resolve_positions(problem, positions)
+    per_position = units is not None
     if variant == "gates":
-        signed = -integrated_gate_gradient(problem, alphas, weights, chunk_size=chunk_size)
+        signed = -integrated_gate_gradient(problem, alphas, weights, chunk_size=chunk_size, per_position=per_position)
         loss_start = _loss(problem, graph.gates(0.0, dtype))
         in_sum = np.ones(graph.n_gates, bool)
     else:
-        signed = -(weights @ input_path_gradients(problem, alphas, chunk_size=chunk_size))
+        grads = input_path_gradients(problem, alphas, chunk_size=chunk_size, per_position=per_position)
+        signed = -np.tensordot(weights, grads, axes=1)
         loss_start = float(_jit_embed_path_loss(computation(problem), jnp.asarray(0.0, dtype)))
         in_sum = _out_of_embed(problem)
+    if units is not None:
+        signed = units.reduce(signed)
     loss_clean = _loss(problem, graph.gates(1.0, dtype))
-    total = float(signed[in_sum].sum())
+    total = float(signed[..., in_sum].sum())
     target = loss_start - loss_clean
     return attribution_circuit(
         problem,
@@ -155,10 +173,11 @@ def eap_ig(
         threshold=threshold,
         started=started,
         settings={"steps": int(steps), "rule": rule, "variant": variant, "metric": problem.metric.name,
-                  "ablation": problem.ablation},
+                  "ablation": problem.ablation, **({} if units is None else {"positions": units.to_dict()})},
         extra={"completeness": {"score_sum": total, "loss_start": loss_start, "loss_clean": loss_clean,
                                 "expected": target, "error": total - target,
                                 "units": "all" if variant == "gates" else "out of embed"}},
+        positions=units,
     )
 
 
