@@ -2,14 +2,14 @@
 
 The numbers follow the estimates the methods themselves use to chunk their work
 (``patching.activation_bytes``): one gated forward of one prompt keeps the difference buffer
-``[n_sources, pos, d_model]`` and one layer's work; its backward pass keeps about ``n_layers + 2``
-forwards' worth; the logits at the read positions add ``k x d_vocab`` floats. Per method, per device,
+``[n_sources, pos, d_model]`` and one layer's work; its backward pass keeps about ``2 n_layers + 2``
+forwards' worth (``patching.backward_forwards``); the logits at the read positions add ``k x d_vocab`` floats. Per method, per device,
 with the prompts split over ``prompt_devices`` devices and the weights on every device:
 
-- **gradient methods** (EAP, HISP, AtP*, wrong-answer): the weights plus ``n_layers + 2`` forwards
-  per prompt in a chunk; the methods chunk prompts to fit, so the fastest is every prompt at once
+- **gradient methods** (EAP, HISP, AtP*, wrong-answer): the weights plus ``2 n_layers + 2`` forwards
+  per prompt in a chunk (``patching.backward_forwards``, measured); the methods chunk prompts to fit, so the fastest is every prompt at once
   and the least is one prompt per chunk, with the layers recomputed in the backward pass where that
-  keeps less (``patching.REMAT_FORWARDS`` forwards instead of ``n_layers + 2``), as the methods do
+  keeps less (``patching.REMAT_FORWARDS`` forwards instead of ``2 n_layers + 2``), as the methods do
   when they must chunk;
 - **EAP-IG**: the same per (step, prompt) configuration, ``steps x prompts`` of them;
 - **ACDC**: the weights, the cached clean differences of every prompt, and ``width`` gated

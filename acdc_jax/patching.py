@@ -251,17 +251,18 @@ def activation_bytes(cfg, n_in: int, batch: int, n_pos: int, itemsize: int) -> i
     return cfg.n_sources * act + per_layer
 
 
-# A backward pass through the gated forward keeps every layer's difference buffer (a scan saves its
-# carry per step); with recomputed layers (``remat``) it keeps the input and output buffers and the
-# work of one layer and its pullback, measured at about 7 forwards' worth (``compiled temp bytes /
-# bytes_per_configuration``, 4-16 layers, in benchmarks/memory_scaling.py).
-REMAT_FORWARDS = 7
+# A backward pass through the gated forward keeps every layer's difference buffer and that layer's
+# work (a scan saves its carry and residuals per step): measured at 2.1 x n_layers forwards' worth
+# (``compiled temp bytes / bytes_per_configuration``, benchmarks/memory_scaling.py, 4-16 layers).
+# With recomputed layers (``remat``) it keeps the input and output buffers and the work of one layer
+# and its pullback: measured at 6.3-8.5 forwards' worth at 4-16 layers (9: the largest, rounded up).
+REMAT_FORWARDS = 9
 
 
 def backward_forwards(n_layers: int, remat: bool) -> int:
     """How many gated forwards' worth of activations (``bytes_per_configuration``) one backward pass
     keeps alive, without or with recomputed layers."""
-    return REMAT_FORWARDS if remat else n_layers + 2
+    return REMAT_FORWARDS if remat else 2 * n_layers + 2
 
 
 def remat_pays(n_layers: int) -> bool:

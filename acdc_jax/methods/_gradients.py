@@ -80,9 +80,9 @@ LogitsFn = Callable[..., Array]
 def grad_chunk_size(problem: Problem, n_configs: int, *, fraction: float = 0.5, remat: bool | None = None) -> int:
     """How many (point, prompt) configurations fit in memory for a forward and backward pass.
 
-    A backward pass keeps every layer's difference buffer, so one prompt costs about
-    ``n_layers + 2`` gated forwards' worth of activations; with recomputed layers (``remat``,
-    default: the run's) about ``patching.REMAT_FORWARDS``.
+    A backward pass keeps every layer's difference buffer and work, so one prompt costs about
+    ``2 n_layers + 2`` gated forwards' worth of activations; with recomputed layers (``remat``,
+    default: the run's) about ``patching.REMAT_FORWARDS`` (``patching.backward_forwards``).
     """
     n_rows = problem.run.tokens.shape[0]
     remat = bool(problem.run.remat) if remat is None else remat
