@@ -82,6 +82,10 @@ class Graph:
                 raise ValueError(
                     "internal edges a.q|k|v->a are ACDC's per-head hook edges, and a grouped k/v input feeds several "
                     "heads: use internal_edges=False with kv_heads (or the per-head k/v graph, kv_heads=None)")
+            if self.level == "node":
+                raise ValueError(
+                    "node gates (one per source) do not depend on how k/v inputs are grouped: build the node-level "
+                    "graph without kv_heads (Graph.from_model(model, level='node'))")
 
     @classmethod
     def from_model(
