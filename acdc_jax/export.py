@@ -60,6 +60,10 @@ written as their q, k and v edges. Node-level circuits write node scores and, on
 set and scores ``evaluate.edges_from_nodes`` / ``edge_scores_from_nodes`` derive (an edge is in
 when both its nodes are; its score is the smaller). EAP-IG's graph always has one MLP per layer
 and sequential attention/MLP: attention-only models and ``parallel_attn_mlp`` files are refused.
+Grouped-query models: MIB evaluates them ungrouped (TransformerLens's ``ungroup_grouped_query_attention``),
+with ``<k>``/``<v>`` edges per query head, this project's default graph; a circuit on the grouped-k/v graph
+(``Graph.kv_heads``) is written through ``ungroup_kv`` (each grouped edge's score split evenly over its
+group's heads, its kept flag copied) and read back through ``regroup_kv`` when the file's block says so.
 
 **MIB submissions** (``write_mib_submission``): one folder per task and model,
 ``{method}_patching_edge/{task}_{model}/``, as MIB's ``run_attribution.py`` writes and its leaderboard reads

@@ -216,3 +216,29 @@ def test_cli_info_counts_grouped_kv_edges(tmp_path):
 def test_dataclass_round_trip_keeps_kv_heads():
     graph = Graph(2, 4, True, kv_heads=2)
     assert Graph(**dataclasses.asdict(graph)) == graph
+
+
+def test_readme_grouped_edge_counts():
+    """The README's k/v-per-key/value-head counts are the graph's, for the real checkpoints' shapes."""
+    import re
+    from pathlib import Path
+
+    import transformers
+
+    from acdc_jax.models.families import FAMILIES
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    shapes = {
+        "Qwen2.5-0.5B": ("qwen2", transformers.Qwen2Config(num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                                           hidden_size=896, intermediate_size=4864)),
+        "Llama-3.1-8B, Mistral-7B": ("llama", transformers.LlamaConfig(num_hidden_layers=32, num_attention_heads=32,
+                                                                       num_key_value_heads=8)),
+        "Gemma-2-2B": ("gemma2", transformers.Gemma2Config()),
+    }
+    for name, (family, hf) in shapes.items():
+        config = FAMILIES[family].config_from_hf(hf.to_dict())
+        row = re.search(rf"\| {re.escape(name)} \| (\d+) x (\d+) \| ([\d,]+) \(([\d,]+)\) \| ([\d,]+) \((\d+)\) \|", readme)
+        layers, heads, edges, _, grouped, kv_heads = (int(g.replace(",", "")) for g in row.groups())
+        assert (layers, heads, kv_heads) == (config.n_layers, config.n_heads, config.kv_heads)
+        assert edges == Graph.from_model(config).n_edges
+        assert grouped == Graph.from_model(config, kv_groups=True).n_edges
