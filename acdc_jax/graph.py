@@ -6,8 +6,9 @@ and ``mlp{l}``; destination inputs ``a{l}.{h}.q|k|v`` (or ``a{l}.{h}`` with one 
 default (the key/value weights shared within a group, as MIB evaluates such models, ungrouped);
 ``kv_heads=G`` (``Graph.from_model(model, kv_groups=True)``) gates them once per key/value head
 instead: inputs ``a{l}.g{j}.k`` and ``a{l}.g{j}.v`` read by query heads ``j*H/G .. (j+1)*H/G - 1``,
-while q stays ``a{l}.{h}.q`` per query head. An edge ``src->dst`` exists when src is computed before dst reads the
-residual stream. With ``internal_edges=True`` the ACDC graph's ``a{l}.{h}.q|k|v->a{l}.{h}`` edges
+while q stays ``a{l}.{h}.q`` per query head (``export.ungroup_kv`` maps such a circuit to MIB's
+per-head edges). An edge ``src->dst`` exists when src is computed before dst reads the residual
+stream. With ``internal_edges=True`` the ACDC graph's ``a{l}.{h}.q|k|v->a{l}.{h}`` edges
 are listed too; gating one scales all of that input's incoming gates (0 = the whole input ablated).
 
 Edge order (part of the API): destinations in topological order (layer by layer: for each head
@@ -103,7 +104,8 @@ class Graph:
         if kv_groups and cfg.kv_heads == cfg.n_heads:
             raise ValueError(
                 f"kv_groups=True needs grouped-query attention (n_kv_heads < n_heads); this model has {cfg.n_heads} "
-                "key/value heads for its queries, so its per-head k/v inputs are already one per key/value head: drop kv_groups")
+                "key/value heads for its queries, so its per-head k/v inputs are already one per key/value head: "
+                "drop kv_groups")
         kv_heads = cfg.kv_heads if kv_groups else None
         return cls(cfg.n_layers, cfg.n_heads, cfg.has_mlp, qkv_split, level, internal_edges, cfg.parallel, kv_heads)
 
