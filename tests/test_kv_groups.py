@@ -37,7 +37,15 @@ def _task(cfg, n_prompts=3, seed=0):
                 labels={"A": np.full(n_prompts, 2), "END": np.full(n_prompts, n_pos - 1)})
 
 
-def test_grouped_graph_names_order_sizes_and_errors():
+@pytest.fixture(scope="module")
+def gqa_problems():
+    with jax.enable_x64(True):
+        model = aj.init_model(LLAMA_GQA, jax.random.PRNGKey(1), std=0.5).astype(np.float64)
+        task = _task(LLAMA_GQA)
+        yield {kv: Problem.build(model, task, kv_groups=kv, metric="logit_diff", ablation="corrupt") for kv in (False, True)}
+
+
+def test_grouped_graph_names_order_sizes_and_errors(gqa_problems):
     g = Graph(2, 4, True, kv_heads=2)
     assert g.destinations[:9] == ("a0.0.q", "a0.1.q", "a0.2.q", "a0.3.q", "a0.g0.k", "a0.g0.v", "a0.g1.k", "a0.g1.v", "mlp0")
     assert g.n_in == 8 and g.heads_fed("a1.g1.v") == ("a1.2", "a1.3") and g.input_of(1, 1, "k") == "a1.g0.k"
@@ -54,9 +62,9 @@ def test_grouped_graph_names_order_sizes_and_errors():
                        (dict(kv_heads=2, qkv_split=False), "q/k/v-split"), (dict(kv_heads=2, level="node"), "node gates")]:
         with pytest.raises(ValueError, match=match):
             Graph(2, 4, True, **bad)
-    model = aj.init_model(LLAMA_GQA, jax.random.PRNGKey(0))
+    run = gqa_problems[True].run
     with pytest.raises(aj.InputError, match="kv_groups=True"):
-        GatedRun(model, Graph(2, 4, True, kv_heads=1), np.zeros((1, 3), int), corrupt_ablation(model, np.zeros((1, 3), int)))
+        GatedRun(run.model, Graph(2, 4, True, kv_heads=1), run.tokens, run.ablation)
 
 
 def test_gated_forward_with_grouped_kv_is_the_model_and_the_reference():
@@ -80,14 +88,6 @@ def test_gated_forward_with_grouped_kv_is_the_model_and_the_reference():
         at = np.array([[5, 2], [4, 1]])
         trimmed = GatedRun(model, graph, tokens, ablation, positions=at)(gates)
         np.testing.assert_allclose(trimmed, np.take_along_axis(run(gates), at[:, :, None], 1), rtol=0, atol=1e-12)
-
-
-@pytest.fixture(scope="module")
-def gqa_problems():
-    with jax.enable_x64(True):
-        model = aj.init_model(LLAMA_GQA, jax.random.PRNGKey(1), std=0.5).astype(np.float64)
-        task = _task(LLAMA_GQA)
-        yield {kv: Problem.build(model, task, kv_groups=kv, metric="logit_diff", ablation="corrupt") for kv in (False, True)}
 
 
 def test_eap_on_grouped_kv_is_the_sum_over_the_groups_heads_and_matches_finite_differences(gqa_problems):
@@ -127,6 +127,7 @@ METHOD_OPTIONS = {"eap-ig": dict(steps=2, top_n=8), "path-patching": dict(thresh
                   "learned-mask": dict(steps=5), "wrong-answer": dict(top_n=8)}
 
 
+@pytest.mark.filterwarnings("ignore:path patching stopped after max_nodes")
 def test_the_edge_methods_run_on_the_grouped_graph_and_acdc_is_the_plain_loop(gqa_problems):
     """EAP-IG, path patching, learned masks and wrong-answer on the grouped graph (EAP above, AtP* below),
     and ACDC equal to the plain one-edge-at-a-time loop, whose visit order is written out independently."""
