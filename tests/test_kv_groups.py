@@ -123,7 +123,7 @@ def test_eap_on_grouped_kv_is_the_sum_over_the_groups_heads_and_matches_finite_d
         assert np.abs(grouped[checked]).min() > 1e-6
 
 
-METHOD_OPTIONS = {"eap-ig": dict(steps=2, top_n=8), "path-patching": dict(threshold=0.01, max_nodes=3),
+METHOD_OPTIONS = {"eap-ig": dict(steps=2, top_n=8), "path-patching": dict(threshold=0.01, max_nodes=3, chunk_size=1),
                   "learned-mask": dict(steps=5), "wrong-answer": dict(top_n=8)}
 
 
