@@ -108,6 +108,7 @@ def discover(
     ablation: Annotated[Optional[str], typer.Option(help="What a removed edge reads: corrupt, zero or mean (default: the task's).")] = None,
     per_head: Annotated[bool, typer.Option("--per-head", help="One input per head instead of separate q/k/v.")] = False,
     internal_edges: Annotated[bool, typer.Option("--internal-edges", help="List ACDC's a.q|k|v->a edges too.")] = False,
+    kv_groups: Annotated[bool, typer.Option("--kv-groups", help="Grouped-query models: k/v inputs per key/value head.")] = False,
     checkpoint: Annotated[Optional[Path], typer.Option(help="ACDC: checkpoint file; an interrupted run resumes from it.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the circuit as JSON here.")] = None,
     option: Annotated[Optional[list[str]], typer.Option(help="Extra method option key=value (repeatable).")] = None,
@@ -163,7 +164,7 @@ def discover(
             opts["progress"] = report
         try:
             circuit = methods.discover(
-                the_model, the_task, method, qkv_split=not per_head, internal_edges=internal_edges,
+                the_model, the_task, method, qkv_split=not per_head, internal_edges=internal_edges, kv_groups=kv_groups,
                 metric=metric, ablation=ablation, score=False, **opts,
             )
         except (ValueError, KeyError) as err:
@@ -272,7 +273,8 @@ def info(
             ("edges, with ACDC's a.q|k|v->a edges", dict(qkv_split=True, internal_edges=True)),
             ("edges, one input per head", dict(qkv_split=False)),
             ("nodes (embed, heads, MLPs)", dict(level="node")),
-        ]:
+        ] + ([(f"edges, k/v per key/value head ({config.kv_heads} groups; --kv-groups)", dict(kv_groups=True))]
+             if config.kv_heads != config.n_heads else []):
             table.add_row(label, f"{Graph.from_model(config, **kwargs).n_gates:,}")
         console.print(table)
         if prompts is not None:

@@ -607,6 +607,9 @@ def _metric_for(problem: Problem, name: str) -> Metric:
 
 
 def _check_mib_graph(graph: Graph) -> None:
+    if graph.kv_grouped:
+        raise ValueError(f"MIB's edge graph has k/v inputs per query head; this is the {graph.describe()}: convert the "
+                         "circuit with acdc_jax.export.ungroup_kv first")
     if graph.level != "edge" or not graph.qkv_split or graph.internal_edges or not graph.has_mlp:
         raise ValueError(
             f"MIB's edge graph has separate q/k/v inputs, an MLP per layer and no internal edges; this is the "

@@ -60,6 +60,10 @@ written as their q, k and v edges. Node-level circuits write node scores and, on
 set and scores ``evaluate.edges_from_nodes`` / ``edge_scores_from_nodes`` derive (an edge is in
 when both its nodes are; its score is the smaller). EAP-IG's graph always has one MLP per layer
 and sequential attention/MLP: attention-only models and ``parallel_attn_mlp`` files are refused.
+Grouped-query models: MIB evaluates them ungrouped (TransformerLens's ``ungroup_grouped_query_attention``),
+with ``<k>``/``<v>`` edges per query head, this project's default graph; a circuit on the grouped-k/v graph
+(``Graph.kv_heads``) is written through ``ungroup_kv`` (each grouped edge's score split evenly over its
+group's heads, its kept flag copied) and read back through ``regroup_kv`` when the file's block says so.
 
 **MIB submissions** (``write_mib_submission``): one folder per task and model,
 ``{method}_patching_edge/{task}_{model}/``, as MIB's ``run_attribution.py`` writes and its leaderboard reads
@@ -279,6 +283,67 @@ def _require_no_internal(circuit: Circuit, fmt: str) -> None:
         )
 
 
+def _require_per_head_kv(circuit: Circuit, fmt: str) -> None:
+    if circuit.graph.kv_grouped:
+        raise ExportError(
+            f"the {fmt} graph has k and v inputs per query head (TransformerLens ungroups grouped-query attention); "
+            "this circuit gates them per key/value head: convert it with acdc_jax.export.ungroup_kv(circuit)")
+
+
+@functools.lru_cache(maxsize=32)
+def _kv_ungrouping(grouped: Graph) -> tuple[Graph, np.ndarray, np.ndarray]:
+    """The per-query-head graph of a grouped-k/v graph, and for each of its edges the grouped edge it
+    comes from and its share of that edge's score (``1 / heads per group`` for k/v edges, else 1)."""
+    per_head = dataclasses.replace(grouped, kv_heads=None)
+    position = _edge_position(grouped)
+    group = grouped.n_heads // grouped.kv_heads
+    index, share = [], []
+    for name, (src, dst) in zip(per_head.edges, edge_endpoints(per_head)):
+        kind, layer, head, letter = _parse(dst)
+        if kind == "head_input" and letter != "q":
+            index.append(position[f"{src}->{grouped.input_of(layer, head, letter)}"])
+            share.append(1.0 / group)
+        else:
+            index.append(position[name])
+            share.append(1.0)
+    return per_head, np.array(index, np.int64), np.array(share)
+
+
+def ungroup_kv(circuit: Circuit) -> Circuit:
+    """A circuit on a grouped-k/v graph (``Graph.kv_heads``) as one on the per-query-head graph, the
+    graph MIB (and TransformerLens with ``ungroup_grouped_query_attention``) evaluates: a kept
+    ``src->a{l}.g{j}.k`` keeps ``src->a{l}.{h}.k`` for every head h of group j (the group's heads all
+    read that key input), and its score is split evenly over them. Splitting, not copying: at all
+    gates 1 a grouped edge's EAP score is exactly the sum of its heads' per-head scores (the gradient is
+    linear in the gates), and MIB ranks edges and counts circuit sizes in its own per-head edges, so each
+    of the group's copies carries its share; copied scores would rank every copy as if it alone did what
+    the group does. Other edges are unchanged. ``regroup_kv`` is the inverse on split scores."""
+    graph = circuit.graph
+    if not graph.kv_grouped:
+        return circuit
+    per_head, index, share = _kv_ungrouping(graph)
+    scores = np.asarray(circuit.scores, np.float64)[index] * share
+    kept = circuit.kept_mask()[index]
+    return dataclasses.replace(circuit, graph=per_head, scores=scores,
+                               kept=tuple(n for n, k in zip(per_head.edges, kept.tolist()) if k),
+                               extra={**circuit.extra, "converted": "k/v groups ungrouped (scores split)"})
+
+
+def regroup_kv(circuit: Circuit, grouped: Graph) -> Circuit:
+    """A per-query-head circuit on ``grouped``, the graph with k/v inputs per key/value head: a grouped
+    edge's score is the sum of its heads' scores (NaN if any is NaN), and it is kept when any of them
+    is (a partly kept group cannot be told apart: the grouped circuit holds all of it)."""
+    per_head, index, _ = _kv_ungrouping(grouped)
+    if circuit.graph != per_head:
+        raise ExportError(f"regroup_kv needs a circuit on the {per_head.describe()}, got the {circuit.graph.describe()}")
+    scores = np.zeros(grouped.n_gates)
+    np.add.at(scores, index, np.asarray(circuit.scores, np.float64))
+    kept = np.zeros(grouped.n_gates, bool)
+    np.logical_or.at(kept, index, circuit.kept_mask())
+    return dataclasses.replace(circuit, graph=grouped, scores=scores,
+                               kept=tuple(n for n, k in zip(grouped.edges, kept.tolist()) if k))
+
+
 def fold_internal_edges(circuit: Circuit) -> Circuit:
     """The same circuit on the graph without internal edges.
 
@@ -371,6 +436,7 @@ def to_acdc(circuit: Circuit, *, embed: str = "auto") -> dict:
     """The circuit as ACDC edge keys with scores and present flags (module docstring: layout, names)."""
     _require_no_positions(circuit, "ACDC's edge format", "; or export with format 'autocircuit', which has positions")
     _require_edges(circuit, "acdc")
+    _require_per_head_kv(circuit, "acdc")
     graph = circuit.graph
     mode = _embed_mode(circuit, embed)
     kept = circuit.kept_mask().tolist()
@@ -563,6 +629,7 @@ def to_autocircuit(circuit: Circuit) -> dict:
     """The circuit in auto-circuit's naming and ``PruneScores`` layout (module docstring)."""
     _require_edges(circuit, "autocircuit")
     _require_no_internal(circuit, "autocircuit")
+    _require_per_head_kv(circuit, "autocircuit")
     graph = circuit.graph
     tables = _ac_tables(graph)
     if circuit.positions is not None:
@@ -868,7 +935,7 @@ def to_mib(circuit: Circuit, *, d_model: int | None = None, prompts_per_batch: i
                 f"task {circuit.task!r}) is not one whose d_model is known here: pass d_model= (CLI: --d-model)"
             )
     node_level = graph.level == "node"
-    edge_circuit = edge_circuit_from_nodes(circuit) if node_level else circuit
+    edge_circuit = edge_circuit_from_nodes(circuit) if node_level else ungroup_kv(circuit)  # MIB's k/v: per query head
     edge_graph = edge_circuit.graph
     endpoints = edge_endpoints(edge_graph)
     kept = edge_circuit.kept_mask().tolist()
@@ -944,6 +1011,9 @@ def from_mib(data: dict, *, level: str | None = None, prompts_per_batch: int | N
     if declared is not None:
         _check_same_graph(declared, inferred, "mib")
     graph = declared or inferred
+    grouped = graph if graph.kv_grouped and level in (None, "edge") else None  # written ungrouped: read so, regroup
+    if graph.kv_grouped:
+        graph = dataclasses.replace(graph, kv_heads=None)
     if level is not None and level != graph.level:
         graph = dataclasses.replace(graph, level=level)
     if graph.internal_edges:
@@ -978,7 +1048,8 @@ def from_mib(data: dict, *, level: str | None = None, prompts_per_batch: int | N
     scores, kept = _scatter(graph, positions, values, flags)
     for name in unscored:
         scores[position[name]] = np.nan
-    return _assemble(graph, scores, kept, meta, "mib")
+    circuit = _assemble(graph, scores, kept, meta, "mib")
+    return circuit if grouped is None else regroup_kv(circuit, grouped)
 
 
 # ---------------------------------------------------------------------------------------- MIB submissions
@@ -1078,6 +1149,7 @@ def write_mib_submission(
         raise ExportError(f"the ranking must be one of {', '.join(MIB_RANKINGS)}, got {ranking!r}")
     if circuit.graph.level != "edge" or not circuit.graph.qkv_split:
         raise ExportError(f"an MIB edge submission needs a q/k/v-split edge circuit; this one is on the {circuit.graph.describe()}")
+    circuit = ungroup_kv(circuit)  # MIB ranks and counts per-query-head k/v edges
     folder = mib_task_folder(out, circuit.method, task, model)
     foreign = mib_foreign_files(folder)
     if foreign:
@@ -1161,6 +1233,8 @@ __all__ = [
     "detect_format",
     "edge_circuit_from_nodes",
     "edge_endpoints",
+    "regroup_kv",
+    "ungroup_kv",
     "export_circuit",
     "fold_internal_edges",
     "from_acdc",

@@ -2,14 +2,22 @@
 
 Names (DESIGN.md): sources ``embed``, ``a{l}.{h}`` (head h's output ``z @ W_O[h]``, no ``b_O``)
 and ``mlp{l}``; destination inputs ``a{l}.{h}.q|k|v`` (or ``a{l}.{h}`` with one input per head),
-``mlp{l}`` and ``logits``. An edge ``src->dst`` exists when src is computed before dst reads the
-residual stream. With ``internal_edges=True`` the ACDC graph's ``a{l}.{h}.q|k|v->a{l}.{h}`` edges
+``mlp{l}`` and ``logits``. With grouped-query attention the k and v inputs are per query head by
+default (the key/value weights shared within a group, as MIB evaluates such models, ungrouped);
+``kv_heads=G`` (``Graph.from_model(model, kv_groups=True)``) gates them once per key/value head
+instead: inputs ``a{l}.g{j}.k`` and ``a{l}.g{j}.v`` read by query heads ``j*H/G .. (j+1)*H/G - 1``,
+while q stays ``a{l}.{h}.q`` per query head (``export.ungroup_kv`` maps such a circuit to MIB's
+per-head edges). An edge ``src->dst`` exists when src is computed before dst reads the residual
+stream. With ``internal_edges=True`` the ACDC graph's ``a{l}.{h}.q|k|v->a{l}.{h}`` edges
 are listed too; gating one scales all of that input's incoming gates (0 = the whole input ablated).
 
 Edge order (part of the API): destinations in topological order (layer by layer: for each head
 its q, k, v inputs, then, if listed, its internal edges; then the layer's MLP; ``logits`` last),
 and within a destination the sources in topological order (``embed``, then layer by layer, heads
-before the MLP). ACDC visits this list backwards.
+before the MLP). ACDC visits this list backwards. With grouped k/v inputs a layer lists every
+head's q input (``a{l}.0.q .. a{l}.{H-1}.q``), then each group's k and v inputs (``a{l}.g0.k``,
+``a{l}.g0.v``, ``a{l}.g1.k``, ...), then its MLP: all of them read the same earlier sources, so
+this order is as topological as the per-head one.
 
 Gates are a float vector over ``graph.gate_names``: the edges at ``level="edge"``, the sources
 (``embed``, heads, MLPs) at ``level="node"`` (a node gate scales every edge out of that node).
@@ -35,6 +43,7 @@ from .models import DenseGates, Transformer, TransformerConfig
 
 Level = Literal["edge", "node"]
 _QKV = ("q", "k", "v")
+_GROUP_INPUT = re.compile(r"^a(\d+)\.g(\d+)\.([kv])$")
 
 
 class GraphError(KeyError):
@@ -55,12 +64,29 @@ class Graph:
     level: Level = "edge"
     internal_edges: bool = False
     parallel: bool = False  # attention and MLP read the same residual (GPT-NeoX): no a{l}.h -> mlp{l}
+    kv_heads: int | None = None  # None: k/v inputs per query head; G < n_heads: per key/value head (a{l}.g{j}.k|v)
 
     def __post_init__(self):
         if self.level not in ("edge", "node"):
             raise ValueError(f"level must be 'edge' or 'node', got {self.level!r}")
         if self.internal_edges and not self.qkv_split:
             raise ValueError("internal_edges (a.q|k|v->a) exist only in the q/k/v-split graph; set qkv_split=True")
+        if self.kv_heads is not None:
+            G = self.kv_heads
+            if not isinstance(G, int) or isinstance(G, bool) or not 1 <= G < self.n_heads or self.n_heads % G:
+                raise ValueError(
+                    f"kv_heads must be a divisor of n_heads={self.n_heads} smaller than it (grouped-query attention), "
+                    f"got {G!r}; leave it None for k/v inputs per query head")
+            if not self.qkv_split:
+                raise ValueError("grouped k/v inputs (kv_heads) exist only in the q/k/v-split graph; set qkv_split=True")
+            if self.internal_edges:
+                raise ValueError(
+                    "internal edges a.q|k|v->a are ACDC's per-head hook edges, and a grouped k/v input feeds several "
+                    "heads: use internal_edges=False with kv_heads (or the per-head k/v graph, kv_heads=None)")
+            if self.level == "node":
+                raise ValueError(
+                    "node gates (one per source) do not depend on how k/v inputs are grouped: build the node-level "
+                    "graph without kv_heads (Graph.from_model(model, level='node'))")
 
     @classmethod
     def from_model(
@@ -70,16 +96,62 @@ class Graph:
         *,
         level: Level = "edge",
         internal_edges: bool = False,
+        kv_groups: bool = False,
     ) -> "Graph":
+        """The model's graph; ``kv_groups=True`` gates k and v once per key/value head (models with
+        grouped-query attention only: elsewhere the per-head graph is already that)."""
         cfg = model.config if isinstance(model, Transformer) else model
-        return cls(cfg.n_layers, cfg.n_heads, cfg.has_mlp, qkv_split, level, internal_edges, cfg.parallel)
+        if kv_groups and cfg.kv_heads == cfg.n_heads:
+            raise ValueError(
+                f"kv_groups=True needs grouped-query attention (n_kv_heads < n_heads); this model has {cfg.n_heads} "
+                "key/value heads for its queries, so its per-head k/v inputs are already one per key/value head: "
+                "drop kv_groups")
+        kv_heads = cfg.kv_heads if kv_groups else None
+        return cls(cfg.n_layers, cfg.n_heads, cfg.has_mlp, qkv_split, level, internal_edges, cfg.parallel, kv_heads)
 
     # ---------------------------------------------------------------- nodes
 
     @property
     def n_in(self) -> int:
         """Attention destination inputs per layer (rows of one layer's dense gates)."""
+        if self.kv_heads is not None:
+            return self.n_heads + 2 * self.kv_heads
         return self.n_heads * (3 if self.qkv_split else 1)
+
+    @property
+    def kv_grouped(self) -> bool:
+        """Whether k and v inputs are per key/value head (``a{l}.g{j}.k|v``)."""
+        return self.kv_heads is not None
+
+    def attention_inputs(self, layer: int) -> tuple[str, ...]:
+        """A layer's attention destination inputs in edge (and dense row) order."""
+        if self.kv_grouped:
+            return tuple(f"a{layer}.{h}.q" for h in range(self.n_heads)) + tuple(
+                f"a{layer}.g{j}.{t}" for j in range(self.kv_heads) for t in ("k", "v"))
+        if self.qkv_split:
+            return tuple(f"a{layer}.{h}.{t}" for h in range(self.n_heads) for t in _QKV)
+        return tuple(f"a{layer}.{h}" for h in range(self.n_heads))
+
+    def input_of(self, layer: int, head: int, letter: str) -> str:
+        """The destination input head ``a{layer}.{head}`` reads its q, k or v from."""
+        if letter not in _QKV:
+            raise GraphError(f"letter must be q, k or v, got {letter!r}")
+        if not self.qkv_split:
+            return f"a{layer}.{head}"
+        if self.kv_grouped and letter != "q":
+            return f"a{layer}.g{head // (self.n_heads // self.kv_heads)}.{letter}"
+        return f"a{layer}.{head}.{letter}"
+
+    def heads_fed(self, destination: str) -> tuple[str, ...]:
+        """The heads a destination input feeds: its own head, a group's heads for ``a{l}.g{j}.k|v``,
+        none for ``mlp{l}`` and ``logits``."""
+        match = _GROUP_INPUT.match(destination)
+        if match:
+            layer, j, group = int(match[1]), int(match[2]), self.n_heads // (self.kv_heads or self.n_heads)
+            return tuple(f"a{layer}.{h}" for h in range(j * group, (j + 1) * group))
+        if destination == "logits" or destination.startswith("mlp"):
+            return ()
+        return (".".join(destination.split(".")[:2]),)
 
     @functools.cached_property
     def sources(self) -> tuple[str, ...]:
@@ -102,8 +174,7 @@ class Graph:
         """Destination inputs in topological order."""
         names = []
         for layer in range(self.n_layers):
-            for h in range(self.n_heads):
-                names += [f"a{layer}.{h}.{t}" for t in _QKV] if self.qkv_split else [f"a{layer}.{h}"]
+            names += self.attention_inputs(layer)
             if self.has_mlp:
                 names.append(f"mlp{layer}")
         names.append("logits")
@@ -121,11 +192,8 @@ class Graph:
         L, H = self.n_layers, self.n_heads
         for layer in range(L):
             available = self.first_source_of_layer(layer)
-            for h in range(H):
-                for t_i, t in enumerate(_QKV if self.qkv_split else (None,)):
-                    name = f"a{layer}.{h}.{t}" if t else f"a{layer}.{h}"
-                    row = layer * self.n_in + (3 * h + t_i if self.qkv_split else h)
-                    info[name] = (row, available)
+            for i, name in enumerate(self.attention_inputs(layer)):
+                info[name] = (layer * self.n_in + i, available)
             if self.has_mlp:
                 info[f"mlp{layer}"] = (L * self.n_in + layer, available if self.parallel else available + H)
         info["logits"] = (self._logits_row, self.n_sources)
@@ -158,7 +226,10 @@ class Graph:
                 kind.append(0), rows.append(row), srcs.append(s)
 
         for layer in range(self.n_layers):
-            for h in range(self.n_heads):
+            if self.kv_grouped:  # q per head, then k/v per group; never internal edges
+                for dst in self.attention_inputs(layer):
+                    add_residual(dst)
+            for h in range(0 if self.kv_grouped else self.n_heads):
                 head = f"a{layer}.{h}"
                 inputs = [f"{head}.{t}" for t in _QKV] if self.qkv_split else [head]
                 for dst in inputs:
@@ -250,7 +321,8 @@ class Graph:
 
     def describe(self) -> str:
         kind = "q/k/v-split" if self.qkv_split else "per-head"
-        return f"{kind} {self.level}-level graph ({self.n_layers} layers, {self.n_heads} heads, {self.n_gates} gates)"
+        kv = f", k/v per {self.kv_heads} key/value heads" if self.kv_grouped else ""
+        return f"{kind} {self.level}-level graph ({self.n_layers} layers, {self.n_heads} heads{kv}, {self.n_gates} gates)"
 
     # ---------------------------------------------------------------- dense layout
 

@@ -120,6 +120,9 @@ class GatedRun(eqx.Module):
         cfg = self.model.config
         if (g.n_layers, g.n_heads, g.has_mlp) != (cfg.n_layers, cfg.n_heads, cfg.has_mlp):
             raise InputError(f"the graph ({g.describe()}) does not belong to this model ({cfg.n_layers} layers, {cfg.n_heads} heads)")
+        if g.kv_heads is not None and g.kv_heads != cfg.kv_heads:
+            raise InputError(f"the graph ({g.describe()}) groups k/v by {g.kv_heads} key/value heads; this model has "
+                             f"{cfg.kv_heads}: build it with Graph.from_model(model, kv_groups=True)")
         batch, n_pos = self.tokens.shape
         abl_batch, abl_pos = self.ablation.values.shape[1:3]
         if abl_batch not in (1, batch) or abl_pos not in (1, n_pos):

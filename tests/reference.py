@@ -111,7 +111,7 @@ def gated_logits(model: Transformer, graph: Graph, tokens, gates, ablated_values
             head = f"a{l}.{h}"
             ins = {}
             for t in "qkv":
-                ins[t] = _norm(cfg, p, "blocks.ln1", dst_input(f"{head}.{t}" if graph.qkv_split else head, l), l)
+                ins[t] = _norm(cfg, p, "blocks.ln1", dst_input(graph.input_of(l, h, t), l), l)  # a group's k/v with kv_heads
             kv = h // cfg.kv_group  # the key/value head this query head reads
             q = ins["q"] @ p["blocks.attn.W_Q"][l, h] + p["blocks.attn.b_Q"][l, h]
             k = ins["k"] @ p["blocks.attn.W_K"][l, kv] + p["blocks.attn.b_K"][l, kv]

@@ -47,7 +47,11 @@ def plain_acdc(problem: Problem, threshold: float, abs_value: bool = False, node
             order.append(f"mlp{layer}")
         if graph.internal_edges:
             order += [("internal", f"a{layer}.{h}.{t}", f"a{layer}.{h}") for t in kinds for h in heads]
-        order += [f"a{layer}.{h}.{t}" if t else f"a{layer}.{h}" for t in kinds for h in heads]
+        if graph.kv_heads:  # grouped k/v inputs: v then k, last group first; then the queries
+            order += [f"a{layer}.g{j}.{t}" for t in "vk" for j in reversed(range(graph.kv_heads))]
+            order += [f"a{layer}.{h}.q" for h in heads]
+        else:
+            order += [f"a{layer}.{h}.{t}" if t else f"a{layer}.{h}" for t in kinds for h in heads]
 
     def senders(dst):  # latest block first, the heads of one layer head 0 first
         srcs = set(graph.sources_of(dst))
@@ -64,8 +68,9 @@ def plain_acdc(problem: Problem, threshold: float, abs_value: bool = False, node
             edges = [f"{src}->{item}" for src in senders(item)]
             owner = item if item in ("logits",) or item.startswith("mlp") else ".".join(item.split(".")[:2])
             via = f"{item}->{owner}" if graph.internal_edges and item.count(".") == 2 else None
+        owners = (graph.heads_fed(item) or (owner,)) if isinstance(item, str) else (owner,)
         used = owner == "logits" or any(
-            gates[graph.index(e)] for e in graph.edges if graph.split_edge(e)[0] == owner
+            gates[graph.index(e)] for e in graph.edges if graph.split_edge(e)[0] in owners
         )
         if via is not None and not gates[graph.index(via)]:
             used = False

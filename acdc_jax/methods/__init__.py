@@ -117,6 +117,7 @@ def discover(
     *,
     qkv_split: bool = True,
     internal_edges: bool = False,
+    kv_groups: bool = False,
     metric: str | None = None,
     ablation: str | None = None,
     score: bool = True,
@@ -125,7 +126,8 @@ def discover(
     """Run a discovery method by name on a model and task (each may be given by name).
 
     The graph is q/k/v-split by default (``qkv_split=False`` for one input per head;
-    ``internal_edges=True`` for ACDC's full graph). ``metric`` defaults to the task's discovery
+    ``internal_edges=True`` for ACDC's full graph; ``kv_groups=True`` for k/v inputs per key/value
+    head on an edge-level graph of a grouped-query model). ``metric`` defaults to the task's discovery
     metric (KL for most tasks) for pruning methods and to the task's own metric for attribution
     methods; ``ablation`` defaults to the task's. When the task has a canonical circuit,
     ``circuit.extra`` gets ``auc``, ``precision`` and ``recall`` against it (``score=False``: not
@@ -138,7 +140,8 @@ def discover(
     if metric is None:
         metric = task.discovery_metric if spec.uses_discovery_metric else task.metric
     problem = Problem.build(
-        model, task, qkv_split=qkv_split, level=spec.level, internal_edges=internal_edges, metric=metric, ablation=ablation
+        model, task, qkv_split=qkv_split, level=spec.level, internal_edges=internal_edges,
+        kv_groups=kv_groups and spec.level == "edge", metric=metric, ablation=ablation
     )
     circuit = spec.fn(problem, **options)
     circuit.method = spec.name

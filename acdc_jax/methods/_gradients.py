@@ -297,13 +297,15 @@ def qk_edge_table(graph: Graph) -> np.ndarray:
     """``[n_layers, n_heads, 2, n_sources + 1]`` gate index of ``src->a{l}.{h}.q|k`` (-1: no such edge).
 
     The last source slot is the internal edge ``a{l}.{h}.q|k->a{l}.{h}`` when the graph lists it.
+    With k inputs per key/value head the k slots of a group's heads name the same edge
+    ``src->a{l}.g{j}.k`` (its effect on the pattern is the sum of theirs).
     """
     table = np.full((graph.n_layers, graph.n_heads, 2, graph.n_sources + 1), -1, np.int64)
     index = graph._gate_index
     for layer in range(graph.n_layers):
         for h in range(graph.n_heads):
             for t_i, t in enumerate(("q", "k")):
-                dst = f"a{layer}.{h}.{t}"
+                dst = graph.input_of(layer, h, t)
                 for s, src in enumerate(graph.sources):
                     table[layer, h, t_i, s] = index.get(f"{src}->{dst}", -1)
                 table[layer, h, t_i, -1] = index.get(f"{dst}->a{layer}.{h}", -1)

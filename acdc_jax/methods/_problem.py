@@ -37,10 +37,11 @@ class Problem(eqx.Module):
         qkv_split: bool = True,
         level: Level = "edge",
         internal_edges: bool = False,
+        kv_groups: bool = False,
         metric: str | Metric | None = None,
         ablation: str | None = None,
     ) -> "Problem":
-        graph = graph or Graph.from_model(model, qkv_split, level=level, internal_edges=internal_edges)
+        graph = graph or Graph.from_model(model, qkv_split, level=level, internal_edges=internal_edges, kv_groups=kv_groups)
         ablation = ablation or task.ablation
         return cls(
             run=task.gated_run(model, graph, ablation),

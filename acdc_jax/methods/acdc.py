@@ -94,7 +94,7 @@ class _Group:
     name: str
     units: np.ndarray  # gate indices, in visit order
     layers: np.ndarray  # start layer for evaluating each unit's removal
-    consumer: int = -1  # source index that must still feed something (-1: always connected)
+    consumer: int | tuple[int, ...] = -1  # source(s) that must still feed something (-1: always connected)
     via: int = -1  # internal edge that must still be kept too (-1: none)
 
 
@@ -125,7 +125,9 @@ def visit_order(graph: Graph) -> list[_Group]:
       runs mostly pass "reverse".)
 
     Each group's units are gate indices in that order; node-level graphs keep their own order
-    (latest node first).
+    (latest node first). With k/v inputs per key/value head (``graph.kv_heads``, no ACDC original to
+    follow) a layer's v inputs, then its k inputs, go last group first, then its q inputs as above;
+    a grouped input is settled unvisited only when no head of its group feeds anything.
     """
     if graph.level == "node":
         units = np.arange(graph.n_gates)[::-1]
@@ -134,7 +136,7 @@ def visit_order(graph: Graph) -> list[_Group]:
     src_index = {name: i for i, name in enumerate(graph.sources)}
     edge_of = graph._edge_index
 
-    def into(dst: str, layer: int, consumer: int, via: int = -1) -> _Group:
+    def into(dst: str, layer: int, consumer: int | tuple[int, ...], via: int = -1) -> _Group:
         srcs = [edge_of[f"{src}->{dst}"] for src in _incoming_order(graph.sources_of(dst))]
         units = np.array(srcs, np.int32)
         return _Group(dst, units, np.full(len(units), layer, np.int32), consumer, via)
@@ -145,6 +147,12 @@ def visit_order(graph: Graph) -> list[_Group]:
             groups.append(into(f"mlp{layer}", layer, src_index[f"mlp{layer}"]))
         heads = list(reversed(range(graph.n_heads)))
         kinds = ("v", "k", "q") if graph.qkv_split else (None,)
+        if graph.kv_grouped:  # v, k per key/value group (last first; used while any head of the group is), then q
+            for t in ("v", "k"):
+                for j in reversed(range(graph.kv_heads)):
+                    dst = f"a{layer}.g{j}.{t}"
+                    groups.append(into(dst, layer, tuple(src_index[h] for h in graph.heads_fed(dst))))
+            kinds = ("q",)
         if graph.internal_edges:
             for t in kinds:
                 for h in heads:
@@ -226,7 +234,7 @@ def _plan(graph: Graph, groups: list[_Group], out_of_scope: np.ndarray, units: P
     at_every_unit = (np.arange(n_units) * graph.n_gates)[:, None]
     outgoing = {s: (at_every_unit + e[None, :]).reshape(-1) for s, e in _outgoing_edges(graph).items()}
     width = max([1] + [int((~out_of_scope[g.units]).sum()) for g in groups])
-    fan_out = max([1] + [len(outgoing[g.consumer]) for g in groups if g.consumer >= 0])
+    fan_out = max([1] + [len(_consumer_edges(outgoing, g.consumer)) for g in groups])
     units_ = np.zeros((len(groups), width), np.int32)
     layers = np.full((len(groups), width), _NO_LAYER, np.int32)
     length = np.zeros(len(groups), np.int32)
@@ -235,10 +243,9 @@ def _plan(graph: Graph, groups: list[_Group], out_of_scope: np.ndarray, units: P
         scope = ~out_of_scope[group.units]
         k = int(scope.sum())
         units_[i, :k], layers[i, :k], length[i] = group.units[scope], group.layers[scope], k
-        if group.consumer >= 0:
-            edges = outgoing[group.consumer]
-            out[i, : len(edges)] = edges
-    has_consumer = np.array([g.consumer >= 0 for g in groups])
+        edges = _consumer_edges(outgoing, group.consumer)
+        out[i, : len(edges)] = edges
+    has_consumer = np.array([isinstance(g.consumer, tuple) or g.consumer >= 0 for g in groups])
     via = np.array([[-1] * n_units if g.via < 0 else (at_every_unit[:, 0] + g.via).tolist() for g in groups], np.int32)
     unit_of = None if units is None else jnp.asarray(units.unit_of)
     return _Plan(*(jnp.asarray(a) for a in (units_, layers, length, out, has_consumer, via)), unit_of)
@@ -626,6 +633,12 @@ def _outgoing_edges(graph: Graph) -> dict[int, np.ndarray]:
     return {s: np.flatnonzero((kind == 0) & (srcs == s)) for s in range(graph.n_sources)}
 
 
+def _consumer_edges(outgoing: dict[int, np.ndarray], consumer: int | tuple[int, ...]) -> np.ndarray:
+    """Residual edges out of a group's consumer: one source, or every head of a key/value group."""
+    consumers = consumer if isinstance(consumer, tuple) else (consumer,)
+    return np.concatenate([outgoing[c] for c in consumers if c >= 0] + [np.zeros(0, np.int64)])
+
+
 def _outside(graph: Graph, nodes: set[str]) -> np.ndarray:
     """Edges with an endpoint outside ``nodes`` (destinations count by the node they feed)."""
     if graph.level == "node":
@@ -633,6 +646,6 @@ def _outside(graph: Graph, nodes: set[str]) -> np.ndarray:
     out = np.zeros(graph.n_gates, bool)
     for i, name in enumerate(graph.edges):
         src, dst = graph.split_edge(name)
-        owner = dst if dst in ("logits",) or dst.startswith("mlp") else ".".join(dst.split(".")[:2])
-        out[i] = src not in nodes or owner not in nodes
+        fed = graph.heads_fed(dst) or (dst,)  # a grouped k/v input: in while any head of its group is
+        out[i] = src not in nodes or not any(owner in nodes for owner in fed)
     return out

@@ -16,7 +16,8 @@ attention scores against the unchanged clean keys (or queries), and the new soft
 with ``A`` the clean pattern of that head. Everything downstream of the pattern (the value mix,
 later layers, the metric) is linear in this estimate; where it is linear in fact (one attention
 layer, no LayerNorm after it, a metric linear in the logits) the estimate is exact. Edges into
-``v`` inputs, MLPs and ``logits`` keep the plain estimate.
+``v`` inputs, MLPs and ``logits`` keep the plain estimate. An edge into a key/value group's k input
+(``Graph.kv_heads``) changes the keys of every head of the group: its estimate is the sum of theirs.
 
 **GradDrop.** Direct and indirect paths of an edge can cancel in the gradient. For each layer
 ``l`` we recompute every estimate (QK fix included) with the gradient through layer ``l``'s heads
@@ -103,7 +104,8 @@ def atp_estimates(
         exact = np.asarray(_jit_qk_fix(computation(problem), d_pattern, int(chunk_size)), np.float64)  # [P, L, H, 2, S+1]
         table = qk_edge_table(graph)
         where = table >= 0
-        estimates[:, table[where]] = exact[:, where]
+        estimates[:, np.unique(table[where])] = 0.0  # a grouped k edge changes every head of its group:
+        np.add.at(estimates, (slice(None), table[where]), exact[:, where])  # the sum of their pattern effects
     return estimates
 
 

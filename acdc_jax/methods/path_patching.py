@@ -17,7 +17,10 @@ between the clean and the fully ablated model), and the search recurses from eac
 Effects are ``loss(patched) - loss(clean)`` on the metric turned lower-is-better, so a positive
 effect means the connection supports the clean behaviour (for a logit difference, patching it
 lowers the logit difference). Q, K and V composition are kept apart: they are edges into the
-``.q``, ``.k`` and ``.v`` inputs.
+``.q``, ``.k`` and ``.v`` inputs. With k/v inputs per key/value head (``Graph.kv_heads``) a head's
+keys and values are its group's inputs ``a{l}.g{j}.k|v``: a patch there is carried along the found
+edges through the node's own heads only (the path goes through them), and, a destination input
+being measured once, a group input is measured through the first of its heads the search reaches.
 
 **The circuit is per position.** What is measured and kept is an (edge, destination position)
 pair; ``circuit.extra["kept_positions"]`` lists them and ``metric_value`` evaluates exactly them
@@ -54,7 +57,6 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
-from ..export import owner
 from ..models import Ablation, gated_forward
 from ..patching import auto_chunk_size, chunked_vmap, source_values
 from ._circuit import Circuit
@@ -278,9 +280,10 @@ class _Search:
         if members[0] == "logits" or members[0].startswith("mlp"):
             return [(members, pos)]
         earlier = sorted({p for p in self.labels.values() if p <= pos or not self.causal})
-        return [(tuple(f"{h}.q" for h in members), pos)] + [
-            (tuple(f"{h}.{t}" for h in members), p) for t in ("k", "v") for p in earlier
-        ]
+        def inputs(t):  # a group's heads share their k/v inputs when the graph groups them
+            return tuple(dict.fromkeys(self.graph.input_of(*map(int, h[1:].split(".")), t) for h in members))
+
+        return [(inputs("q"), pos)] + [(inputs(t), p) for t in ("k", "v") for p in earlier]
 
     def pairs(self, senders, dsts, p) -> list[tuple[int, int]]:
         return [(self.graph.edge_index(f"{s}->{d}"), p) for s in senders for d in dsts]
@@ -447,14 +450,15 @@ def _class_effects(search: _Search, found: dict, paths: list[Path], groups, limi
     ``limit`` connections with the largest summed path effects are measured."""
     unit = {h: f"G{i + 1}" for i, g in enumerate(g for g in groups if len(g) > 1) for h in g}
     name = lambda component: unit.get(component, component)  # noqa: E731
+    fed = lambda d: search.graph.heads_fed(d) or (d,)  # noqa: E731  (mlp and logits are their own)
     connections: dict = {}
     for p in paths:
         dsts = p.receiver.split("+")
-        key = ("+".join(sorted({name(s) for s in p.senders})), "+".join(sorted({name(owner(d)) for d in dsts})),
+        key = ("+".join(sorted({name(s) for s in p.senders})), "+".join(sorted({name(h) for d in dsts for h in fed(d)})),
                p.composition, p.position)
         entry = connections.setdefault(key, {"pairs": set(), "receivers": set(), "paths": 0, "weight": 0.0})
         entry["pairs"].update(pair for pair in search.pairs(p.senders, dsts, p.position) if pair in found)
-        entry["receivers"].update(owner(d) for d in dsts)
+        entry["receivers"].update(h for d in dsts for h in fed(d))
         entry["paths"] += 1
         entry["weight"] += abs(p.effect)
     measured = sorted(connections.items(), key=lambda kv: -kv[1]["weight"])[:limit]

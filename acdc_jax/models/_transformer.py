@@ -290,13 +290,17 @@ def project_heads(cfg: TransformerConfig, block: Block, x: Array, W: Array, b: A
     ``x`` is one residual stream ``[batch, pos, d_model]`` shared by all heads or one input per head
     ``[n_heads, batch, pos, d_model]`` (the gated forward). Head-major output avoids a transpose that
     costs as much as the projection itself when the heads have separate inputs. Key/value weights
-    with ``n_kv_heads < n_heads`` are repeated to one per query head (HF's ``repeat_kv``).
+    with ``n_kv_heads < n_heads`` are repeated to one per query head (HF's ``repeat_kv``); keys or
+    values with one input per key/value head ``[n_kv_heads, batch, pos, d_model]`` (grouped k/v
+    gates) are projected per key/value head and the result repeated instead.
     """
-    if W.shape[0] != cfg.n_heads:
+    grouped_inputs = x.ndim == 4 and x.shape[0] == W.shape[0] != cfg.n_heads
+    if W.shape[0] != cfg.n_heads and not grouped_inputs:
         W, b = jnp.repeat(W, cfg.kv_group, axis=0), jnp.repeat(b, cfg.kv_group, axis=0)
     x = _norm(cfg, block.ln1, x)
     spec = "bpd,hde->hbpe" if x.ndim == 3 else "hbpd,hde->hbpe"
-    return jnp.einsum(spec, x, W, precision=precision) + b[:, None, None, :]
+    out = jnp.einsum(spec, x, W, precision=precision) + b[:, None, None, :]
+    return jnp.repeat(out, cfg.kv_group, axis=0) if grouped_inputs else out
 
 
 class Rotary(NamedTuple):
@@ -569,7 +573,9 @@ class DenseGates(NamedTuple):
     """Gates laid out per destination over all sources; zero wherever there is no edge.
 
     Without a position axis: ``attn [L, n_in, S]``, ``mlp [L, S]``, ``logits [S]``, where ``n_in`` is
-    ``3 * n_heads`` (rows ``3h + 0|1|2`` are head h's q|k|v inputs) or ``n_heads`` (one input per head).
+    ``3 * n_heads`` (rows ``3h + 0|1|2`` are head h's q|k|v inputs), ``n_heads`` (one input per head)
+    or ``n_heads + 2 * n_kv_heads`` (k/v per key/value head: rows ``h`` are the queries, rows
+    ``n_heads + 2j + 0|1`` group j's k|v inputs).
     With per-position gates a destination-position axis ``P`` follows the layer axis:
     ``attn [L, P, n_in, S]``, ``mlp [L, P, S]``, ``logits [P, S]``.
     """
@@ -884,7 +890,14 @@ def gated_forward(
         if inputs.shape[0] == 3 * H:
             qkv = inputs.reshape((H, 3) + inputs.shape[1:])
             return qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        return inputs, inputs, inputs
+        if inputs.shape[0] == H:
+            return inputs, inputs, inputs
+        if inputs.shape[0] == H + 2 * cfg.kv_heads and cfg.kv_heads < H:  # q per head, then k, v per kv head
+            kv = inputs[H:].reshape((cfg.kv_heads, 2) + inputs.shape[1:])
+            return inputs[:H], kv[:, 0], kv[:, 1]
+        raise InputError(
+            f"the gates give {inputs.shape[0]} attention inputs per layer; this model takes 3 * {H} (q/k/v per head), "
+            f"{H} (one per head) or {H} + 2 * {cfg.kv_heads} (k/v per key/value head): build the graph from this model")
 
     def heads_and_mlp(layer, block, buffer, q_in, k_in, v_in, visible, ablated, base_mlp, q_positions=None):
         """The layer's heads (queries at ``q_positions`` when given) and MLP, written into ``buffer``."""
