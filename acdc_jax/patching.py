@@ -255,7 +255,7 @@ def activation_bytes(cfg, n_in: int, batch: int, n_pos: int, itemsize: int) -> i
 
 
 # A backward pass through the gated forward keeps every layer's difference buffer and that layer's
-# work (a scan saves its carry and residuals per step): measured at 2.1 x n_layers forwards' worth
+# work (a scan saves its carry and residuals per step): measured at 1.7-2.1 x n_layers forwards' worth
 # (``compiled temp bytes / bytes_per_configuration``, benchmarks/memory_scaling.py, 4-16 layers).
 # With recomputed layers (``remat``) it keeps the input and output buffers and the work of one layer
 # and its pullback: measured at 6.3-8.5 forwards' worth at 4-16 layers (9: the largest, rounded up).
