@@ -18,9 +18,14 @@ the jobs:
   The first order is timed.
 - ``acdc_sample``: ``{"model", "prompts", "threshold", "per_layer", "repeats"}``. The same call on a
   sample of the edges: the first ``per_layer`` edges (in auto-circuit's order) into each of its
-  destination layers, so every start layer is represented; a call on no edges times the fixed setup
-  (ablation caches and the clean run), which is subtracted. Reported per edge and per
-  forward-equivalent (an edge into block ``b`` runs blocks ``b..L-1`` and the unembedding).
+  destination layers, so every start layer is represented (the decisions on a sample mean nothing;
+  only the time does). Each edge's evaluation (the model call that starts at its layer) is timed
+  apart from the rest of the call (ablation caches, the clean run: the setup), and the whole run is
+  extrapolated as setup + seconds per forward-equivalent x the forward-equivalents of every edge (an
+  edge into block ``b`` runs blocks ``b..L-1`` and the unembedding: ``(L + 1 - b) / (L + 1)``). Its
+  untimed warm call is on the first two sampled edges.
+
+A top-level ``"torch_threads": N`` sets ``torch.set_num_threads`` first.
 
 Every timed call is warm (one untimed call first) and reported as the median of ``repeats`` calls.
 The model is loaded into TransformerLens without a hub: ``HookedTransformerConfig`` from the folder's
@@ -118,7 +123,8 @@ def build(folder: str, prompts: str):
     tl_model, hf, torch = load_tl(folder)
     loader, clean = load_prompts(prompts)
     with torch.inference_mode():
-        parity = float((tl_model(clean) - hf(clean).logits).abs().max() / hf(clean).logits.abs().max())
+        reference = hf(clean).logits
+        parity = float((tl_model(clean) - reference).abs().max() / reference.abs().max())
     model = patchable_model(tl_model, factorized=True, slice_output="last_seq", separate_qkv=True, device=torch.device("cpu"))
     return model, tl_model, loader, clean, parity, torch
 
@@ -189,14 +195,30 @@ def job_acdc(spec: dict) -> dict:
     return out
 
 
+class _EdgeForwards:
+    """Times the model calls that evaluate one edge (those that start at a layer), so that the rest
+    of a call (ablation caches, the clean run) is measured apart."""
+
+    def __init__(self, model):
+        self.inner, self.seconds = model.forward, []
+        model.forward = self
+
+    def __call__(self, *args, **kwargs):
+        if "start_at_layer" not in kwargs:
+            return self.inner(*args, **kwargs)
+        start = time.perf_counter()
+        out = self.inner(*args, **kwargs)
+        self.seconds.append(time.perf_counter() - start)
+        return out
+
+
 def job_acdc_sample(spec: dict) -> dict:
     model, tl_model, loader, clean, parity, torch = build(spec["model"], spec["prompts"])
     repeats, per_layer = spec.get("repeats", 3), spec["per_layer"]
     n_layers = tl_model.cfg.n_layers
     all_edges = set(model.edges)
-    ordered = stock_order(model)
     sample, taken = [], {}
-    for edge in ordered:
+    for edge in stock_order(model):
         if taken.get(edge.dest.layer, 0) < per_layer:
             sample.append(edge)
             taken[edge.dest.layer] = taken.get(edge.dest.layer, 0) + 1
@@ -207,18 +229,28 @@ def job_acdc_sample(spec: dict) -> dict:
     def forward_equivalents(edges) -> float:
         return sum((n_layers + 1 - start_block(e)) / (n_layers + 1) for e in edges)
 
-    model.edges = []
-    setup_s = median_seconds(lambda: acdc_call(model, loader, spec["threshold"]), repeats)[0]
+    timer = _EdgeForwards(model)
+    model.edges = sample[:2]
+    acdc_call(model, loader, spec["threshold"])  # warm: the setup and both kinds of forward, untimed
     model.edges = sample
-    sample_s, times, _ = median_seconds(lambda: acdc_call(model, loader, spec["threshold"]), repeats)
+    calls, edge_s = [], []
+    for _ in range(repeats):
+        timer.seconds = []
+        start = time.perf_counter()
+        acdc_call(model, loader, spec["threshold"])
+        calls.append(time.perf_counter() - start)
+        edge_s.append(sum(timer.seconds))
+        assert len(timer.seconds) == len(sample), (len(timer.seconds), len(sample))
+    model.forward = timer.inner
     model.edges = all_edges
-    edges_s = max(sample_s - setup_s, 0.0)
-    rate = edges_s / forward_equivalents(sample)
+    setup_s = statistics.median(c - e for c, e in zip(calls, edge_s))
+    rate = statistics.median(edge_s) / forward_equivalents(sample)
     all_fe = forward_equivalents(all_edges)
     return {"n_edges": len(all_edges), "sampled_edges": len(sample), "per_layer": per_layer,
-            "dest_layers": len(taken), "setup_s": setup_s, "sample_call_s": sample_s, "sample_times_s": times,
+            "dest_layers": len(taken), "sampled": [edge_name(e) for e in sample], "setup_s": setup_s,
+            "sample_call_s": statistics.median(calls), "sample_call_times_s": calls, "sample_edge_forwards_s": edge_s,
             "sampled_forward_equivalents": forward_equivalents(sample), "s_per_forward_equivalent": rate,
-            "s_per_sampled_edge": edges_s / len(sample), "all_edges_forward_equivalents": all_fe,
+            "all_edges_forward_equivalents": all_fe,
             "extrapolated_s": setup_s + rate * all_fe, "s_per_edge": (setup_s + rate * all_fe) / len(all_edges),
             "plain_forward_s": plain_forward_s(tl_model, clean, torch, repeats), "tl_vs_hf_max_rel_diff": parity}
 
@@ -241,7 +273,9 @@ def main(argv=None):
     spec = json.loads(Path(argv[0]).read_text())
     import torch
 
-    torch.set_grad_enabled(True)
+    threads = spec.pop("torch_threads", None)
+    if threads:
+        torch.set_num_threads(int(threads))
     results = {"versions": versions(), "torch_threads": torch.get_num_threads()}
     for name, job in spec.items():
         kind = job.pop("kind")

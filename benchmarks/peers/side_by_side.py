@@ -21,7 +21,12 @@ Measured (every timing warm, the median of ``--repeats`` calls after an untimed 
 - ACDC on the GPT-2 small shape, sampled (a whole run of auto-circuit takes hours): acdc-jax runs its
   search for ``--budget`` seconds from the start (the latest layers first) and is extrapolated by its
   rate per forward-equivalent to every edge tested once; auto-circuit runs the first ``--per-layer``
-  edges into each destination layer, less its fixed setup, extrapolated the same way.
+  edges into each of its 25 destination layers, each edge's evaluation timed apart from the call's
+  fixed setup, extrapolated the same way (plus the setup).
+
+auto-circuit runs with ``--peer-threads`` torch threads (default 1: on the shared 2-core machine
+TransformerLens's forward took 7.4-8.0 s with one thread and 19-21 s with two, both under the same
+load), which favours the peer; acdc-jax runs with XLA's defaults.
 """
 
 from __future__ import annotations
@@ -202,7 +207,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fraction", type=float, default=0.01, help="ACDC threshold as a fraction of KL(fully ablated)")
     parser.add_argument("--budget", type=float, default=10.0, help="seconds of each sampled acdc-jax GPT-2 ACDC run")
-    parser.add_argument("--per-layer", type=int, default=4, help="sampled auto-circuit ACDC edges per destination layer")
+    parser.add_argument("--per-layer", type=int, default=1, help="sampled auto-circuit ACDC edges per destination layer")
+    parser.add_argument("--peer-threads", type=int, default=1,
+                        help="torch threads on the peer's side (0: torch's default; 1 was faster on the shared 2 cores)")
     parser.add_argument("--peer-timeout", type=float, default=3600.0)
     args = parser.parse_args(argv)
 
@@ -216,6 +223,7 @@ def main(argv=None):
             "gpt2_acdc": our_acdc_sample(gpt2, args.fraction, args.budget, args.repeats)}
     print("acdc-jax side done", file=sys.stderr, flush=True)
     spec = {
+        "torch_threads": args.peer_threads,
         "tiny_eap": {"kind": "eap", **tiny, "repeats": args.repeats},
         "gpt2_eap": {"kind": "eap", **gpt2, "repeats": args.repeats},
         "tiny_acdc": {"kind": "acdc", **tiny, "threshold": ours["tiny_acdc"]["threshold"], "repeats": args.repeats,
