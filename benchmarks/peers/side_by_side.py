@@ -211,6 +211,7 @@ def main(argv=None):
     parser.add_argument("--peer-threads", type=int, default=1,
                         help="torch threads on the peer's side (0: torch's default; 1 was faster on the shared 2 cores)")
     parser.add_argument("--peer-timeout", type=float, default=3600.0)
+    parser.add_argument("--out", type=Path, default=HERE / "results.md", help="where the table goes")
     args = parser.parse_args(argv)
 
     load_before = uptime()
@@ -237,11 +238,12 @@ def main(argv=None):
     rows, summary = report(ours, theirs, args)
     versions = {"acdc-jax": environment(), "auto-circuit side": theirs["versions"]}
     text = render(rows, summary, load_before, load_after, versions, started, args)
-    (HERE / "results.md").write_text(text)
+    args.out.write_text(text)
     print(text)
     for row in rows:
         record(f"peers_{row['what']}", {"prompts": args.prompts, "pos": args.pos, "peer": "auto-circuit 1.0.1",
-                                        "setting": row["setting"]},
+                                        "setting": row["setting"], "peer_threads": args.peer_threads,
+                                        "xla_flags": os.environ.get("XLA_FLAGS", "")},
                {k: v for k, v in row.items() if k not in ("what", "setting") and isinstance(v, (int, float, bool, str))})
 
 
@@ -316,6 +318,8 @@ def render(rows, summary, load_before, load_after, versions, started, args) -> s
         f"{args.repeats} calls. Other agents share this machine's 2 cores, so absolute seconds move between runs;",
         "the ratio, measured in one run, is the figure that counts.",
         "",
+        f"- threads: auto-circuit {args.peer_threads or 'torch default'} torch thread(s); acdc-jax with"
+        f" XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(unset: XLA defaults)'}",
         f"- load before: `{load_before}`",
         f"- load after: `{load_after}`",
         "",
