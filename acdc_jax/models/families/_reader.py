@@ -7,6 +7,7 @@ import re
 import numpy as np
 
 from .._config import ConfigError, TransformerConfig
+from .._sharded import LazyStack, LazyTensor
 
 
 class StateReader:
@@ -28,10 +29,14 @@ class StateReader:
         if name not in self._state:
             raise self._error(f"tensor {name}{self._where} is missing (a {self._family} checkpoint with this config.json needs it)")
         raw = self._state[name]
-        value = np.asarray(raw) if raw.dtype == np.float64 else np.asarray(raw, dtype=np.float32)
+        if isinstance(raw, LazyTensor):  # read later, a shard at a time (checked for NaN/inf then)
+            value = raw
+        else:
+            value = np.asarray(raw) if raw.dtype == np.float64 else np.asarray(raw, dtype=np.float32)
         if value.shape != shape:
             raise self._error(f"tensor {name}{self._where} has shape {value.shape}, expected {shape} from config.json")
-        self._check_finite(name, value, self._where)
+        if not isinstance(value, LazyTensor):
+            self._check_finite(name, value, self._where)
         self._used.add(name)
         return value
 
@@ -51,7 +56,8 @@ class StateReader:
 
 
 class LayerStack:
-    """Per-layer tensors collected layer by layer, stacked on a leading layer axis at the end."""
+    """Per-layer tensors collected layer by layer, stacked on a leading layer axis at the end (lazily
+    when they are ``LazyTensor``s: a ``LazyStack``)."""
 
     def __init__(self):
         self._items: dict[str, list[np.ndarray]] = {}
@@ -60,7 +66,8 @@ class LayerStack:
         self._items.setdefault(name, []).append(value)
 
     def stacked(self) -> dict[str, np.ndarray]:
-        return {name: np.stack(values) for name, values in self._items.items()}
+        return {name: LazyStack(values) if any(isinstance(v, LazyTensor) for v in values) else np.stack(values)
+                for name, values in self._items.items()}
 
 
 def unembedding(take: StateReader, config: TransformerConfig, name: str) -> dict[str, np.ndarray]:
