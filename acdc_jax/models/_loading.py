@@ -22,7 +22,7 @@ from ._config import GPT2_SHAPES, ConfigError, TransformerConfig
 from ._transformer import MLP, Attention, Block, Embed, LayerNorm, Transformer, Unembed
 from .families import FAMILIES
 from ._sharded import MODEL, LazyStack, LazyTensor, _slices, lazy_safetensors, parameter_specs, read_part, shard_model
-from .families._reader import LayerStack, StateReader, unembedding
+from .families._reader import LayerStack, StateReader, Tensor, unembedding
 
 
 class LoadError(ValueError):
@@ -346,7 +346,7 @@ def hf_config_to_ours(hf: dict, name: str = "") -> TransformerConfig:
         raise LoadError(f"config.json describes a model acdc-jax cannot build: {err}") from err
 
 
-def hf_state_dict_to_ours(config: TransformerConfig, state: dict[str, np.ndarray], where: str = "") -> dict[str, np.ndarray]:
+def hf_state_dict_to_ours(config: TransformerConfig, state: dict[str, Tensor], where: str = "") -> dict[str, Tensor]:
     """The explicit key map from Hugging Face GPT-2 names to ours.
 
     HF's ``Conv1D`` stores weights ``[in, out]`` and computes ``x @ W``. ``c_attn.weight`` is

@@ -86,7 +86,7 @@ def sharded_bytes(config: TransformerConfig, model_devices: int, itemsize: int =
 # Lazy tensors: a key map's steps recorded, read back one shard at a time
 
 
-def _slices(index, shape) -> tuple[slice, ...]:
+def _slices(index, shape) -> tuple[slice | int, ...]:
     """A basic index (slices, ints, an Ellipsis-free tuple shorter than the rank) as one slice or int per axis."""
     index = index if isinstance(index, tuple) else (index,)
     if len(index) > len(shape) or any(i is Ellipsis or i is None for i in index):
