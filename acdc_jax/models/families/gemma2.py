@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 
 from .._config import TransformerConfig
 from ._reader import LayerStack, StateReader, Tensor, build_config, decoder_fields, layer_windows, rope_settings, unembedding

@@ -12,7 +12,6 @@ rows ``h*3E + [0, E)`` are head h's query, ``+ [E, 2E)`` its key, ``+ [2E, 3E)``
 
 from __future__ import annotations
 
-import numpy as np
 
 from .._config import TransformerConfig
 from ._reader import LayerStack, StateReader, Tensor, build_config, rope_settings, unembedding

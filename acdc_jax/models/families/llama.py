@@ -15,7 +15,6 @@ columns are the merged heads, so ``W_O[h] = o_proj.weight[:, h*E:(h+1)*E].T``.
 
 from __future__ import annotations
 
-import numpy as np
 
 from .._config import TransformerConfig
 from ._reader import LayerStack, StateReader, Tensor, build_config, decoder_fields, layer_windows, rope_settings, unembedding
