@@ -108,6 +108,15 @@ def shard_problem(problem: Problem, mesh: Mesh) -> Problem:
     return Problem(sharded_run, inputs, problem.metric, problem.task_name, problem.ablation, labels)
 
 
+def _to_host(x) -> np.ndarray:
+    """A result as a numpy array on this host; one spread over several hosts' devices is gathered first."""
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
 @eqx.filter_jit
 def _values(problem: Problem, gates):
     return jax.vmap(problem.value)(gates)
@@ -127,7 +136,7 @@ def evaluate_configs(problem: Problem, gates, mesh: Mesh, *, chunk_per_device: i
     if padded > n:
         gates = np.concatenate([gates, np.repeat(gates[:1], padded - n, axis=0)])
     spec = PartitionSpec(CONFIGS, *([None] * (gates.ndim - 1)))
-    out = [np.asarray(_values(problem, _put(jnp.asarray(gates[i : i + step]), mesh, spec))) for i in range(0, padded, step)]
+    out = [_to_host(_values(problem, _put(jnp.asarray(gates[i : i + step]), mesh, spec))) for i in range(0, padded, step)]
     return np.concatenate(out)[:n]
 
 
@@ -140,4 +149,4 @@ def gate_gradient(problem: Problem, gates, mesh: Mesh) -> np.ndarray:
     """``d metric / d gates`` with the prompt batch split over the mesh's ``prompts`` axis and the
     weights over its ``model`` axis."""
     problem = shard_problem(problem, mesh)
-    return np.asarray(_gradient(problem, _put(jnp.asarray(gates), mesh, PartitionSpec())))
+    return _to_host(_gradient(problem, _put(jnp.asarray(gates), mesh, PartitionSpec())))
