@@ -121,3 +121,23 @@ def test_model_axis_errors_are_clear():
         make_mesh(2, 2, 3)
     model = shard_model(aj.init_model(cfg, jax.random.PRNGKey(0)), make_mesh(4, 1, 2))
     assert model.blocks.mlp.W_in.sharding.spec == P(None, None, "model")
+
+
+def test_bf16_files_and_bad_values_load_onto_a_mesh(folders, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from acdc_jax.models import LoadError
+
+    mesh = make_mesh(2, 1, 4)
+    _hf_model("llama-gqa-llama3-tied").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    whole, placed = load_model(tmp_path / "bf16"), load_model(tmp_path / "bf16", mesh=mesh)
+    for (name, a), (_, b) in zip(model_arrays(whole).items(), model_arrays(placed).items()):
+        assert b.dtype == np.float32
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    bad = tmp_path / "nan"
+    _hf_model("llama-gqa-llama3-tied").save_pretrained(bad)
+    state = load_file(str(bad / "model.safetensors"))
+    state["model.layers.1.self_attn.o_proj.weight"][3, 5] = np.nan
+    save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LoadError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight in .* has 1 NaN/inf"):
+        load_model(bad, mesh=mesh)
