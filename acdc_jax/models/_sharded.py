@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec
 from ._config import TransformerConfig
 
 MODEL = "model"
+_READ_CHUNK = 2**21  # elements of a lazy tensor read at once (its coordinate arrays: 8 bytes x rank each)
 
 
 def check_model_axis(config: TransformerConfig, model_devices: int) -> None:
@@ -152,8 +153,22 @@ class LazyTensor:
         return whole if dtype is None else whole.astype(dtype)
 
     def read(self, index) -> np.ndarray:
-        """``self[index]`` as a numpy array, from the smallest box of the stored tensor that holds it."""
+        """``self[index]`` as a numpy array, from the smallest box of the stored tensor that holds it.
+
+        A large part is read in pieces along its first axis (at most ``_READ_CHUNK`` elements each),
+        so the coordinate arrays that map it back to the stored tensor stay small."""
         index = _slices(index, self.shape)
+        lengths = [len(range(i.start, i.stop, i.step)) if isinstance(i, slice) else 1 for i in index]
+        cut = next((a for a, i in enumerate(index) if isinstance(i, slice) and lengths[a] > 1), None)
+        if cut is not None and math.prod(lengths) > _READ_CHUNK:
+            rows = range(index[cut].start, index[cut].stop, index[cut].step)
+            per_piece = max(1, _READ_CHUNK * lengths[cut] // math.prod(lengths))
+            pieces = []
+            for first in range(0, len(rows), per_piece):
+                part = rows[first : first + per_piece]
+                sub = index[:cut] + (slice(part.start, part.stop, part.step),) + index[cut + 1 :]
+                pieces.append(self.read(sub))
+            return np.concatenate(pieces, axis=sum(isinstance(i, slice) for i in index[:cut]))
         coords = list(np.meshgrid(*[np.arange(i.start, i.stop, i.step) if isinstance(i, slice) else np.array([i])
                                     for i in index], indexing="ij"))
         shape_out = tuple(c for c, i in zip(coords[0].shape, index) if isinstance(i, slice))
