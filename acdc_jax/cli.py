@@ -114,9 +114,13 @@ def discover(
     option: Annotated[Optional[list[str]], typer.Option(help="Extra method option key=value (repeatable).")] = None,
     task_option: Annotated[Optional[list[str]], typer.Option(help="Task builder option key=value (repeatable). Text tasks (ioi, greater-than, docstring) use --model's own tokenizer.")] = None,
     dtype: Annotated[str, typer.Option(help="float32, or bfloat16 for bf16 weights and activations (LayerNorm, softmax and metrics stay float32).")] = "float32",
+    prompt_devices: Annotated[int, typer.Option("--prompt-devices", help="Devices the prompts are split over (the mesh's prompts axis).")] = 1,
+    model_devices: Annotated[int, typer.Option("--model-devices", help="Devices the weights are split over (heads and MLP width; the mesh's model axis).")] = 1,
+    device_memory: Annotated[Optional[str], typer.Option(help="Memory per device to check the run against, e.g. 80GB (default: what the device has free).")] = None,
 ) -> None:
     """Find a circuit: run a discovery method on a model and task, print it, and score it against
-    the task's canonical circuit when there is one."""
+    the task's canonical circuit when there is one. A run whose memory plan does not fit the devices
+    is refused before it starts, with the mesh that would fit."""
     from . import methods
     from .models import LoadError, load_model, model_directory
     from .tasks import TaskError, get_task, takes_tokenizer, tokenizer_for_model
@@ -127,10 +131,9 @@ def discover(
         task_options = _parse_options(task_option, "--task-option")
         if "tokenizer" in task_options:
             _fail("the tokenizer comes from --model (the tokenizer files in its folder); there is no tokenizer task option")
-        the_model = tokenizer = None
+        tokenizer = None
         if model is not None and takes_tokenizer(task):  # a text task: tokenize with the model's own tokenizer
-            the_model = load_model(model)
-            tokenizer, note = tokenizer_for_model(model_directory(model), the_model.config.d_vocab)
+            tokenizer, note = tokenizer_for_model(model_directory(model), _model_config(model).d_vocab)
             if note:
                 console.print(note, soft_wrap=True, markup=False)
             task_options["tokenizer"] = tokenizer
@@ -138,8 +141,16 @@ def discover(
         model_name = model or the_task.model
         if model_name is None:
             _fail(f"task {the_task.name!r} names no model: pass --model NAME_OR_DIR")
-        if the_model is None:
-            the_model = load_model(model_name)
+        _check_memory(_model_config(model_name), the_task, method, dtype, prompt_devices, model_devices, device_memory)
+        mesh = None
+        if prompt_devices * model_devices > 1:
+            import jax
+
+            from .sharding import make_mesh
+
+            mesh = make_mesh(configs=1, prompts=prompt_devices, model=model_devices,
+                             devices=jax.devices()[: prompt_devices * model_devices])
+        the_model = load_model(model_name, mesh=mesh)
         if dtype == "bfloat16":
             import jax.numpy as jnp
 
@@ -165,7 +176,7 @@ def discover(
         try:
             circuit = methods.discover(
                 the_model, the_task, method, qkv_split=not per_head, internal_edges=internal_edges, kv_groups=kv_groups,
-                metric=metric, ablation=ablation, score=False, **opts,
+                metric=metric, ablation=ablation, score=False, mesh=mesh, **opts,
             )
         except (ValueError, KeyError) as err:
             _fail(str(err))
@@ -243,22 +254,19 @@ def info(
     prompts: Annotated[Optional[int], typer.Option(help="With --model: the memory a run on this many prompts needs.")] = None,
     pos: Annotated[int, typer.Option(help="With --prompts: tokens per prompt.")] = 16,
     dtype: Annotated[str, typer.Option(help="With --prompts: float32 or bfloat16.")] = "float32",
-    devices: Annotated[int, typer.Option(help="With --prompts: devices the prompts are split over.")] = 1,
+    prompt_devices: Annotated[int, typer.Option("--prompt-devices", "--devices", help="With --prompts: devices the prompts are split over.")] = 1,
+    model_devices: Annotated[int, typer.Option("--model-devices", help="With --prompts: devices the weights are split over (heads, MLP width).")] = 1,
+    device_memory: Annotated[Optional[str], typer.Option(help="With --prompts: memory per device to plan for, e.g. 80GB (default: what this machine's device has free).")] = None,
 ) -> None:
     """Graph sizes of a model, the memory a run needs, and the available tasks and methods."""
     from .graph import Graph
     from .methods import get_method, method_names
-    from .models import GPT2_SHAPES, LoadError, TransformerConfig, hf_directory_config, load_model
+    from .models import LoadError
     from .tasks import task_names
 
     if model is not None:
         try:
-            if model in GPT2_SHAPES and not Path(model).exists():
-                config = TransformerConfig.gpt2(model)  # sizes need no weights
-            elif (Path(model) / "config.json").exists() and not (Path(model) / "weights.npz").exists():
-                config = hf_directory_config(model)  # a Hugging Face folder: config.json alone
-            else:
-                config = load_model(model).config
+            config = _model_config(model)
         except LoadError as err:
             _fail(str(err))
         kv = f" ({config.kv_heads} key/value)" if config.kv_heads != config.n_heads else ""
@@ -278,7 +286,7 @@ def info(
             table.add_row(label, f"{Graph.from_model(config, **kwargs).n_gates:,}")
         console.print(table)
         if prompts is not None:
-            _print_memory_plan(config, prompts, pos, dtype, devices)
+            _print_memory_plan(config, prompts, pos, dtype, prompt_devices, model_devices, device_memory)
     if tasks:
         console.print("tasks: " + ", ".join(task_names()) + ", or a task JSON file")
     if methods:
@@ -288,31 +296,108 @@ def info(
         console.print("nothing to show: pass --model, --tasks or --methods")
 
 
-def _print_memory_plan(config, prompts: int, pos: int, dtype: str, devices: int) -> None:
-    from .memory import human, memory_plan, mesh_that_fits
+def _model_config(model: str):
+    """A model's config without reading its weights where it can (GPT-2 names, Hugging Face folders)."""
+    from .models import GPT2_SHAPES, TransformerConfig, hf_directory_config, load_model
+
+    if model in GPT2_SHAPES and not Path(model).exists():
+        return TransformerConfig.gpt2(model)  # sizes need no weights
+    if (Path(model) / "config.json").exists() and not (Path(model) / "weights.npz").exists():
+        return hf_directory_config(model)  # a Hugging Face folder: config.json alone
+    return load_model(model).config
+
+
+def _bytes(text: str | None) -> int | None:
+    """``--device-memory``: bytes, or a number with KB/MB/GB/TB (powers of 1024)."""
+    if text is None:
+        return None
+    units = {"TB": 2**40, "GB": 2**30, "MB": 2**20, "KB": 2**10, "B": 1}
+    clean = text.strip().upper().replace(" ", "")
+    for unit, size in units.items():
+        if clean.endswith(unit):
+            clean, factor = clean[: -len(unit)], size
+            break
+    else:
+        factor = 1
+    try:
+        return int(float(clean) * factor)
+    except ValueError:
+        _fail(f"--device-memory must be bytes or a size such as 16GB or 512MB, got {text!r}")
+
+
+_ITEMSIZES = {"float32": 4, "bfloat16": 2}
+
+
+def _mesh_advice(config, device_bytes: int, method: str, **sizes) -> str:
+    """What to pass when ``method`` does not fit: the smallest mesh that would, or that none does."""
+    from .memory import fitting_mesh
+
+    fits = fitting_mesh(config, device_bytes, method=method, **sizes)
+    if fits is None:
+        return "no mesh of up to 4,096 devices would"
+    return f"a mesh of {fits[0]} prompt x {fits[1]} model devices would (--prompt-devices {fits[0]} --model-devices {fits[1]})"
+
+
+def _print_memory_plan(config, prompts: int, pos: int, dtype: str, prompt_devices: int, model_devices: int,
+                       device_memory: str | None) -> None:
+    from .memory import human, memory_plan
     from .patching import device_memory_bytes
 
-    sizes = {"float32": 4, "bfloat16": 2}
-    if dtype not in sizes:
+    if dtype not in _ITEMSIZES:
         _fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     try:
-        plan = memory_plan(config, n_prompts=prompts, n_pos=pos, itemsize=sizes[dtype], prompt_devices=devices)
+        plan = memory_plan(config, n_prompts=prompts, n_pos=pos, itemsize=_ITEMSIZES[dtype],
+                           prompt_devices=prompt_devices, model_devices=model_devices)
     except ValueError as err:
         _fail(str(err))
-    here = device_memory_bytes()
-    table = Table(title=f"memory per device: {prompts} prompts x {pos} tokens, {dtype}, prompts over {devices} "
-                        f"device(s) ({plan['prompts_per_device']} each); weights {human(plan['weights'])}")
+    here = _bytes(device_memory) or device_memory_bytes()
+    where = "per device" if device_memory else "here"
+    table = Table(title=f"memory per device: {prompts} prompts x {pos} tokens, {dtype}, mesh of {prompt_devices} prompt x "
+                        f"{model_devices} model device(s) ({plan['prompts_per_device']} prompts each); weights "
+                        f"{human(plan['weights'])}")
     table.add_column("method")
     table.add_column("least (chunked)", justify="right")
     table.add_column("all prompts at once", justify="right")
-    table.add_column(f"fits here ({human(here)} free)?")
+    table.add_column(f"fits {where} ({human(here)})?")
     for name, need in plan["methods"].items():
-        fits = "yes" if need["least"] <= here else "no: " + (
-            f"{n} devices would" if (n := mesh_that_fits(config, here, n_prompts=prompts, n_pos=pos,
-                                                          method=name.split()[0].rstrip(","), itemsize=sizes[dtype]))
-            else "the weights need sharding")
+        fits = "yes" if need["least"] <= here else "no: " + _mesh_advice(
+            config, here, name.split()[0].rstrip(","), n_prompts=prompts, n_pos=pos, itemsize=_ITEMSIZES[dtype])
         table.add_row(name, human(need["least"]), human(need["all_at_once"]), fits)
     console.print(table)
+
+
+# which memory estimate of ``memory_plan`` a method's run follows (methods without one are not checked)
+_PLAN_OF_METHOD = {"acdc": "acdc", "acdc-nodes": "acdc", "eap": "eap", "eap-nodes": "eap", "hisp": "eap",
+                   "atp-star": "eap", "wrong-answer": "eap", "eap-ig": "eap-ig", "eap-ig-inputs": "eap-ig"}
+
+
+def _check_memory(config, task, method: str, dtype: str, prompt_devices: int, model_devices: int,
+                  device_memory: str | None) -> None:
+    """Refuse, before anything runs, a run whose memory plan does not fit the devices' memory, naming the
+    mesh that would; and a mesh larger than the devices there are."""
+    import jax
+
+    from .memory import human, memory_plan, method_need
+    from .patching import device_memory_bytes
+
+    if prompt_devices * model_devices > jax.device_count():
+        _fail(f"a mesh of {prompt_devices} prompt x {model_devices} model devices needs {prompt_devices * model_devices} "
+              f"devices, {jax.device_count()} are available")
+    plan_method = _PLAN_OF_METHOD.get(method)
+    if plan_method is None:
+        return
+    n_prompts, n_pos = task.clean.shape
+    sizes = dict(n_prompts=n_prompts, n_pos=n_pos, n_read=task.positions.shape[1], itemsize=_ITEMSIZES[dtype])
+    try:
+        plan = memory_plan(config, prompt_devices=prompt_devices, model_devices=model_devices, **sizes)
+    except ValueError as err:
+        _fail(str(err))
+    have = _bytes(device_memory) or device_memory_bytes()
+    need = method_need(plan, plan_method)
+    if need > have:
+        _fail(f"{method} on {n_prompts} prompts x {n_pos} tokens needs about {human(need)} per device on a mesh of "
+              f"{prompt_devices} prompt x {model_devices} model devices, and a device has {human(have)}: "
+              f"{_mesh_advice(config, have, plan_method, **sizes)}")
 
 
 def _load_circuit(path: Path):

@@ -121,6 +121,7 @@ def discover(
     metric: str | None = None,
     ablation: str | None = None,
     score: bool = True,
+    mesh=None,
     **options,
 ) -> Circuit:
     """Run a discovery method by name on a model and task (each may be given by name).
@@ -131,7 +132,9 @@ def discover(
     metric (KL for most tasks) for pruning methods and to the task's own metric for attribution
     methods; ``ablation`` defaults to the task's. When the task has a canonical circuit,
     ``circuit.extra`` gets ``auc``, ``precision`` and ``recall`` against it (``score=False``: not
-    yet; call ``attach_reference_scores`` later).
+    yet; call ``attach_reference_scores`` later). ``mesh``: a ``jax.sharding.Mesh``
+    (``acdc_jax.sharding.make_mesh``) to run on, prompts split over its ``prompts`` axis and weights
+    over its ``model`` axis (``acdc_jax.sharding.shard_problem``).
     """
     spec = get_method(method)
     task = get_task(task) if isinstance(task, str) else task
@@ -143,6 +146,10 @@ def discover(
         model, task, qkv_split=qkv_split, level=spec.level, internal_edges=internal_edges,
         kv_groups=kv_groups and spec.level == "edge", metric=metric, ablation=ablation
     )
+    if mesh is not None:
+        from ..sharding import shard_problem
+
+        problem = shard_problem(problem, mesh)
     circuit = spec.fn(problem, **options)
     circuit.method = spec.name
     if score:

@@ -7,6 +7,7 @@ shape against the config and refuses NaN or inf.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,7 +21,8 @@ import numpy as np
 from ._config import GPT2_SHAPES, ConfigError, TransformerConfig
 from ._transformer import MLP, Attention, Block, Embed, LayerNorm, Transformer, Unembed
 from .families import FAMILIES
-from .families._reader import LayerStack, StateReader, unembedding
+from ._sharded import MODEL, LazyStack, LazyTensor, _slices, lazy_safetensors, parameter_specs, read_part, shard_model
+from .families._reader import LayerStack, StateReader, Tensor, unembedding
 
 
 class LoadError(ValueError):
@@ -114,6 +116,11 @@ def build_model(config: TransformerConfig, arrays: dict[str, np.ndarray], dtype=
             raise LoadError(f"tensor {name}{where} has shape {value.shape}, expected {shape} for this config")
         check_finite(name, value, where)
         params[name] = jnp.asarray(value, dtype)
+    return assemble_model(config, params)
+
+
+def assemble_model(config: TransformerConfig, params: dict) -> Transformer:
+    """The ``Transformer`` of a flat dict of arrays in our naming (checked by the caller)."""
 
     def ln(prefix):
         return LayerNorm(params[prefix + ".w"], params.get(prefix + ".b")) if prefix + ".w" in params else None
@@ -131,6 +138,39 @@ def build_model(config: TransformerConfig, arrays: dict[str, np.ndarray], dtype=
         ln_final=ln("ln_final"),
         unembed=Unembed(params.get("unembed.W_U"), params["unembed.b_U"]),
     )
+
+
+def build_sharded_model(config: TransformerConfig, arrays: dict, mesh, dtype=jnp.float32, where: str = "") -> Transformer:
+    """``build_model`` straight onto a mesh: each parameter split as ``parameter_specs`` says, each
+    device's shard read from its ``LazyTensor``/``LazyStack`` (or sliced from a numpy array) by
+    ``jax.make_array_from_callback``, so only shards and one layer's box of a file tensor are ever
+    on the host. Devices that hold the same shard share one read."""
+    from jax.sharding import NamedSharding
+
+    shapes = expected_shapes(config)
+    missing = sorted(set(shapes) - set(arrays))
+    extra = sorted(set(arrays) - set(shapes))
+    if missing or extra:
+        raise LoadError(f"parameters do not match the config{where}: missing {missing}, unexpected {extra}")
+    specs = parameter_specs(config, dict(mesh.shape).get(MODEL, 1))
+    np_dtype = np.dtype(dtype)
+    params = {}
+    for name, shape in shapes.items():
+        value = arrays[name]
+        if tuple(value.shape) != shape:
+            raise LoadError(f"tensor {name}{where} has shape {tuple(value.shape)}, expected {shape} for this config")
+        if not isinstance(value, (LazyTensor, LazyStack)):
+            check_finite(name, np.asarray(value), where)
+        read = {}
+
+        def shard(index, value=value, read=read):
+            key = tuple((i.start, i.stop, i.step) for i in _slices(index, shape))
+            if key not in read:  # replicas of one shard: read once
+                read[key] = read_part(value, index).astype(np_dtype)
+            return read[key]
+
+        params[name] = jax.make_array_from_callback(shape, NamedSharding(mesh, specs[name]), shard)
+    return dataclasses.replace(assemble_model(config, params), mesh=mesh)
 
 
 def model_arrays(model: Transformer) -> dict[str, np.ndarray]:
@@ -306,7 +346,7 @@ def hf_config_to_ours(hf: dict, name: str = "") -> TransformerConfig:
         raise LoadError(f"config.json describes a model acdc-jax cannot build: {err}") from err
 
 
-def hf_state_dict_to_ours(config: TransformerConfig, state: dict[str, np.ndarray], where: str = "") -> dict[str, np.ndarray]:
+def hf_state_dict_to_ours(config: TransformerConfig, state: dict[str, Tensor], where: str = "") -> dict[str, Tensor]:
     """The explicit key map from Hugging Face GPT-2 names to ours.
 
     HF's ``Conv1D`` stores weights ``[in, out]`` and computes ``x @ W``. ``c_attn.weight`` is
@@ -476,12 +516,40 @@ def hf_directory_config(path: str | os.PathLike) -> TransformerConfig:
     return _hf_config(path)[0]
 
 
-def _load_hf(path: Path, dtype) -> Transformer:
+def _lazy_hf_weights(path: Path) -> tuple[dict[str, LazyTensor], str] | None:
+    """The state dict of a safetensors HF directory as lazy tensors (headers read only); None without one."""
+    if (path / "model.safetensors").exists():
+        files, name = [path / "model.safetensors"], "model.safetensors"
+    elif (path / "model.safetensors.index.json").exists():
+        index = path / "model.safetensors.index.json"
+        files = [path / shard for shard in sorted(set(_read_json(index).get("weight_map", {}).values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise LoadError(f"{index} lists shards that are not in {path}: {', '.join(missing)}; copy them beside it")
+        name = index.name
+    else:
+        return None
+    state = {}
+    for file in files:
+        try:
+            state |= lazy_safetensors(file)
+        except Exception as err:  # noqa: BLE001 - SafetensorError ("invalid header length"), OSError
+            raise _damaged(file, err) from err
+    return state, name
+
+
+def _load_hf(path: Path, dtype, mesh=None) -> Transformer:
     config, family = _hf_config(path)
+    to_ours = hf_state_dict_to_ours if family is None else family.state_dict_to_ours
+    lazy = None if mesh is None else _lazy_hf_weights(path)
+    if lazy is not None:
+        state, file_name = lazy
+        where = f" in {path / file_name}"
+        return build_sharded_model(config, to_ours(config, state, where=where), mesh, dtype, where)
     state, file_name = _read_hf_weights(path)
     where = f" in {path / file_name}"
-    to_ours = hf_state_dict_to_ours if family is None else family.state_dict_to_ours
-    return build_model(config, to_ours(config, state, where=where), dtype, where)
+    model = build_model(config, to_ours(config, state, where=where), dtype, where)
+    return model if mesh is None else shard_model(model, mesh)
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,7 +585,7 @@ def model_directory(path_or_name: str | os.PathLike) -> Path:
     return path
 
 
-def load_model(path_or_name: str | os.PathLike, *, dtype=jnp.float32) -> Transformer:
+def load_model(path_or_name: str | os.PathLike, *, dtype=jnp.float32, mesh=None) -> Transformer:
     """Load a model from a local directory or a shipped name; nothing is downloaded.
 
     Names: ``tracr-reverse``, ``tracr-xproportion``, ``induction`` (shipped in ``models/``), and
@@ -526,12 +594,20 @@ def load_model(path_or_name: str | os.PathLike, *, dtype=jnp.float32) -> Transfo
     ``model.safetensors``, ``pytorch_model.bin`` read with ``weights_only=True``, or
     ``flax_model.msgpack``), a tracr export (``config.json`` + ``weights.npz``) or an acdc-jax
     checkpoint (``acdc_jax_config.json`` + ``weights.safetensors``).
+
+    ``mesh``: a ``jax.sharding.Mesh`` with a ``model`` axis (``acdc_jax.sharding.make_mesh``): the
+    weights are split over it (``parameter_specs``) and replicated over its other axes. From
+    safetensors (one file or sharded with an index) each device's shard is read straight from the
+    file; on several hosts each host reads only its own devices' shards. Other formats are read
+    whole, then placed.
     """
     path = model_directory(path_or_name)
     if (path / OWN_CONFIG_FILE).exists():
-        return _load_own(path, dtype)
-    if not (path / "config.json").exists():
+        model = _load_own(path, dtype)
+    elif not (path / "config.json").exists():
         raise LoadError(f"missing {path / 'config.json'}: not a Hugging Face, tracr or acdc-jax model directory")
-    if (path / "weights.npz").exists() and "tracr_compile" in (path / "config.json").read_text():
-        return _load_tracr(path, dtype)
-    return _load_hf(path, dtype)
+    elif (path / "weights.npz").exists() and "tracr_compile" in (path / "config.json").read_text():
+        model = _load_tracr(path, dtype)
+    else:
+        return _load_hf(path, dtype, mesh)
+    return model if mesh is None else shard_model(model, mesh)

@@ -126,6 +126,10 @@ class Transformer(eqx.Module):
     ``precision`` is the matmul precision of every contraction. It defaults to ``"highest"`` so that
     results are fp32-exact on GPUs and TPUs too (their default runs fp32 matmuls in TF32/bf16);
     ``model.with_precision("default")`` trades that for speed.
+
+    ``mesh``: the ``jax.sharding.Mesh`` whose ``model`` axis the weights are split over (set by
+    ``acdc_jax.sharding.shard_model``; None on one device). The forwards then gather each layer's
+    head outputs over that axis before they join the sources (``_heads_gathered``).
     """
 
     config: TransformerConfig = eqx.field(static=True)
@@ -134,6 +138,7 @@ class Transformer(eqx.Module):
     ln_final: LayerNorm | None
     unembed: Unembed
     precision: str = eqx.field(static=True, default="highest")
+    mesh: object = eqx.field(static=True, default=None)
 
     def __call__(
         self,
@@ -462,6 +467,19 @@ def _unembed(model: Transformer, x: Array, positions: Array | None) -> Array:
     return _softcap(logits + _lead(model.unembed.b_U, 3), model.config.logit_softcap)
 
 
+def _heads_gathered(model: Transformer, results: Float[Array, "n_heads batch pos d_model"]) -> Array:
+    """One layer's head outputs, on a model split over heads (``model.mesh``), gathered over the head
+    axis (the other axes as the compiler chooses): the sources buffer they are written into at a
+    traced offset holds every head on every device. Left to itself, XLA's SPMD partitioner
+    mis-partitions the backward pass of that write from head-split values under vmap (wrong gate
+    gradients, measured on jax 0.10.2 on CPU devices; ``tests/test_sharding.py`` pins the fix)."""
+    if model.mesh is None or dict(model.mesh.shape).get("model", 1) == 1:
+        return results
+    free = jax.sharding.PartitionSpec.UNCONSTRAINED
+    spec = jax.sharding.PartitionSpec(None, *([free] * (results.ndim - 1)))
+    return lax.with_sharding_constraint(results, jax.sharding.NamedSharding(model.mesh, spec))
+
+
 def _block_at(model: Transformer, layer) -> Block:
     return jax.tree.map(lambda leaf: leaf[layer], model.blocks)
 
@@ -545,7 +563,7 @@ def _residual_forward(model, tokens, positions, pos_ids, collect: bool):
         # the residual gets the attention output as the model computes it (summed, then normed);
         # the per-head source values are collected beside it
         if collect:
-            results = jnp.einsum("hbqe,hed->hbqd", z, block.attn.W_O, precision=precision)
+            results = _heads_gathered(model, jnp.einsum("hbqe,hed->hbqd", z, block.attn.W_O, precision=precision))
             x = x + _attention_output(cfg, block, results.sum(0))
         else:
             x = x + _attention_output(cfg, block, jnp.einsum("hbqe,hed->bqd", z, block.attn.W_O, precision=precision))
@@ -905,7 +923,7 @@ def gated_forward(
         offset = None if probes.pattern_offset is None else probes.pattern_offset[layer]
         z = _attention(cfg, block, layer, q_in, k_in, v_in, precision, offset, rot, q_positions)
         # with a post norm, each head's share uses the scale of the heads this run computed
-        results = jnp.einsum("hbqe,hed->hbqd", z, block.attn.W_O, precision=precision)
+        results = _heads_gathered(model, jnp.einsum("hbqe,hed->hbqd", z, block.attn.W_O, precision=precision))
         results = _dropped(_head_sources(cfg, block, results), layer, probes.drop_layer)
         buffer = lax.dynamic_update_slice_in_dim(
             buffer, results - lax.dynamic_slice_in_dim(ablated, first, H, axis=0), first, axis=0)

@@ -7,13 +7,17 @@ import re
 import numpy as np
 
 from .._config import ConfigError, TransformerConfig
+from .._sharded import LazyStack, LazyTensor
+
+# A state dict's tensor: read (numpy), or lazy (a safetensors tensor read shard by shard, see ``_sharded``)
+Tensor = np.ndarray | LazyTensor | LazyStack
 
 
 class StateReader:
     """Hands out a Hugging Face state dict's tensors by name, checking each shape and that every
     tensor of the checkpoint was used (except buffers matching ``ignore``)."""
 
-    def __init__(self, state: dict[str, np.ndarray], family: str, where: str = "", ignore: str = r"$^"):
+    def __init__(self, state: dict[str, Tensor], family: str, where: str = "", ignore: str = r"$^"):
         from .._loading import LoadError, check_finite
 
         self._state, self._family, self._where = state, family, where
@@ -24,18 +28,22 @@ class StateReader:
     def __contains__(self, name: str) -> bool:
         return name in self._state
 
-    def __call__(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def __call__(self, name: str, shape: tuple[int, ...]) -> Tensor:
         if name not in self._state:
             raise self._error(f"tensor {name}{self._where} is missing (a {self._family} checkpoint with this config.json needs it)")
         raw = self._state[name]
-        value = np.asarray(raw) if raw.dtype == np.float64 else np.asarray(raw, dtype=np.float32)
+        if isinstance(raw, LazyTensor):  # read later, a shard at a time (checked for NaN/inf then)
+            value = raw
+        else:
+            value = np.asarray(raw) if raw.dtype == np.float64 else np.asarray(raw, dtype=np.float32)
         if value.shape != shape:
             raise self._error(f"tensor {name}{self._where} has shape {value.shape}, expected {shape} from config.json")
-        self._check_finite(name, value, self._where)
+        if not isinstance(value, LazyTensor):
+            self._check_finite(name, value, self._where)
         self._used.add(name)
         return value
 
-    def optional(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def optional(self, name: str, shape: tuple[int, ...]) -> Tensor:
         """The tensor if the checkpoint has it (a bias the config may switch off), else zeros."""
         return self(name, shape) if name in self._state else np.zeros(shape, np.float32)
 
@@ -51,19 +59,21 @@ class StateReader:
 
 
 class LayerStack:
-    """Per-layer tensors collected layer by layer, stacked on a leading layer axis at the end."""
+    """Per-layer tensors collected layer by layer, stacked on a leading layer axis at the end (lazily
+    when they are ``LazyTensor``s: a ``LazyStack``)."""
 
     def __init__(self):
         self._items: dict[str, list[np.ndarray]] = {}
 
-    def add(self, name: str, value: np.ndarray) -> None:
+    def add(self, name: str, value: Tensor) -> None:
         self._items.setdefault(name, []).append(value)
 
-    def stacked(self) -> dict[str, np.ndarray]:
-        return {name: np.stack(values) for name, values in self._items.items()}
+    def stacked(self) -> dict[str, Tensor]:
+        return {name: LazyStack(values) if any(isinstance(v, LazyTensor) for v in values) else np.stack(values)
+                for name, values in self._items.items()}
 
 
-def unembedding(take: StateReader, config: TransformerConfig, name: str) -> dict[str, np.ndarray]:
+def unembedding(take: StateReader, config: TransformerConfig, name: str) -> dict[str, Tensor]:
     """``unembed.W_U`` (``[vocab, d_model]`` as HF stores it, transposed) unless tied, and a zero ``b_U``."""
     out = {"unembed.b_U": np.zeros((config.d_vocab_out,), np.float32)}
     if config.tied_unembed:

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 
 from .._config import TransformerConfig
-from ._reader import LayerStack, StateReader, build_config, decoder_fields, layer_windows, rope_settings, unembedding
+from ._reader import LayerStack, StateReader, Tensor, build_config, decoder_fields, layer_windows, rope_settings, unembedding
 from .llama import add_attention, add_gated_mlp
 
 MODEL_TYPES = ("gemma2",)
@@ -59,7 +58,7 @@ def config_from_hf(hf: dict, name: str = "") -> TransformerConfig:
     )
 
 
-def state_dict_to_ours(config: TransformerConfig, state: dict[str, np.ndarray], where: str = "") -> dict[str, np.ndarray]:
+def state_dict_to_ours(config: TransformerConfig, state: dict[str, Tensor], where: str = "") -> dict[str, Tensor]:
     take = StateReader(state, "Gemma-2", where, ignore=r"rotary_emb\.inv_freq$")
     L, D = config.n_layers, config.d_model
     layers = LayerStack()

@@ -12,10 +12,9 @@ rows ``h*3E + [0, E)`` are head h's query, ``+ [E, 2E)`` its key, ``+ [2E, 3E)``
 
 from __future__ import annotations
 
-import numpy as np
 
 from .._config import TransformerConfig
-from ._reader import LayerStack, StateReader, build_config, rope_settings, unembedding
+from ._reader import LayerStack, StateReader, Tensor, build_config, rope_settings, unembedding
 
 MODEL_TYPES = ("gpt_neox",)
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
@@ -52,7 +51,7 @@ def config_from_hf(hf: dict, name: str = "") -> TransformerConfig:
     )
 
 
-def state_dict_to_ours(config: TransformerConfig, state: dict[str, np.ndarray], where: str = "") -> dict[str, np.ndarray]:
+def state_dict_to_ours(config: TransformerConfig, state: dict[str, Tensor], where: str = "") -> dict[str, Tensor]:
     take = StateReader(state, "GPT-NeoX", where, ignore=r"attention\.(bias|masked_bias)$|rotary_emb\.inv_freq$")
     L, H, D, E, M = config.n_layers, config.n_heads, config.d_model, config.d_head, config.d_mlp
     layers = LayerStack()

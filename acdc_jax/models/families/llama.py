@@ -15,10 +15,9 @@ columns are the merged heads, so ``W_O[h] = o_proj.weight[:, h*E:(h+1)*E].T``.
 
 from __future__ import annotations
 
-import numpy as np
 
 from .._config import TransformerConfig
-from ._reader import LayerStack, StateReader, build_config, decoder_fields, layer_windows, rope_settings, unembedding
+from ._reader import LayerStack, StateReader, Tensor, build_config, decoder_fields, layer_windows, rope_settings, unembedding
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
@@ -83,7 +82,7 @@ def add_gated_mlp(take: StateReader, add, prefix: str, config: TransformerConfig
     add("blocks.mlp.b_out", take.optional(prefix + "down_proj.bias", (D,)))
 
 
-def state_dict_to_ours(config: TransformerConfig, state: dict[str, np.ndarray], where: str = "") -> dict[str, np.ndarray]:
+def state_dict_to_ours(config: TransformerConfig, state: dict[str, Tensor], where: str = "") -> dict[str, Tensor]:
     take = StateReader(state, "Llama-family", where, ignore=r"rotary_emb\.inv_freq$")
     L, D = config.n_layers, config.d_model
     layers = LayerStack()
