@@ -768,14 +768,7 @@ def from_autocircuit(data: dict) -> Circuit:
     arrays = None
     if "prune_scores" in data:
         arrays = {m: np.array(v, dtype=np.float64) for m, v in data["prune_scores"].items()}  # null -> NaN
-        inferred = _graph_from_prune_scores(arrays)
-        if graph is not None:
-            _check_same_graph(graph, inferred, "autocircuit")
-        graph = graph or inferred
-    if graph is None:
-        raise ExportError("an autocircuit document with only 'edges' needs its acdc_jax block to know the graph")
-    if graph.level != "edge" or graph.internal_edges:
-        raise ExportError(f"auto-circuit files hold edges without internal edges, not a {graph.describe()}")
+    graph = _autocircuit_graph(graph, arrays)
     position = _edge_position(graph)
     scores = np.full(graph.n_gates, np.nan)
     if "edges" in data:
@@ -800,6 +793,21 @@ def from_autocircuit(data: dict) -> Circuit:
     return _assemble(graph, scores, kept, meta, "autocircuit")
 
 
+def _autocircuit_graph(graph: Graph | None, arrays: dict | None) -> Graph:
+    """The graph of an autocircuit document: the one given (checked against the prune scores' shapes,
+    ``arrays`` for one token), or the one those shapes imply."""
+    if arrays is not None:
+        inferred = _graph_from_prune_scores(arrays)
+        if graph is not None:
+            _check_same_graph(graph, inferred, "autocircuit")
+        graph = graph or inferred
+    if graph is None:
+        raise ExportError("an autocircuit document with only 'edges' needs its acdc_jax block to know the graph")
+    if graph.level != "edge" or graph.internal_edges:
+        raise ExportError(f"auto-circuit files hold edges without internal edges, not a {graph.describe()}")
+    return graph
+
+
 def _from_autocircuit_per_token(data: dict, graph: Graph | None, meta: dict | None, seq_len: int) -> Circuit:
     """A position-aware circuit from an autocircuit document with ``seq_len`` (one unit per token)."""
     from .methods._positions import PositionUnits
@@ -810,14 +818,7 @@ def _from_autocircuit_per_token(data: dict, graph: Graph | None, meta: dict | No
         bad = [m for m, a in arrays.items() if a.ndim < 2 or a.shape[0] != seq_len]
         if bad:
             raise ExportError(f"seq_len is {seq_len} but the prune scores of {bad[:3]} have no leading axis of that length")
-        inferred = _graph_from_prune_scores({m: a[0] for m, a in arrays.items()})
-        if graph is not None:
-            _check_same_graph(graph, inferred, "autocircuit")
-        graph = graph or inferred
-    if graph is None:
-        raise ExportError("an autocircuit document with only 'edges' needs its acdc_jax block to know the graph")
-    if graph.level != "edge" or graph.internal_edges:
-        raise ExportError(f"auto-circuit files hold edges without internal edges, not a {graph.describe()}")
+    graph = _autocircuit_graph(graph, None if arrays is None else {m: a[0] for m, a in arrays.items()})
     units = PositionUnits.from_dict(meta["positions"]) if meta and meta.get("positions") else PositionUnits.each(seq_len)
     if units.n_pos != seq_len or any(len(span) != 1 for span in units.spans):
         raise ExportError(f"the acdc_jax block's position units do not match seq_len {seq_len} (one token each)")

@@ -43,6 +43,8 @@ import sys
 import time
 from pathlib import Path
 
+from _timing import median_seconds  # beside this script (sys.path[0])
+
 
 def load_tl(folder: str):
     """The Hugging Face GPT-2 folder as a ``HookedTransformer`` set up for auto-circuit's edge patching."""
@@ -105,16 +107,6 @@ def ours(name: str) -> str:
 
 def edge_name(edge) -> str:
     return f"{ours(edge.src.name)}->{ours(edge.dest.name)}"
-
-
-def median_seconds(fn, repeats: int) -> tuple[float, list[float], object]:
-    result = fn()  # warm: the first call is not timed
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times, result
 
 
 def build(folder: str, prompts: str):

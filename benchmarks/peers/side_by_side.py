@@ -51,6 +51,8 @@ from scipy.stats import spearmanr
 import acdc_jax as aj
 from acdc_jax import acdc, eap
 from acdc_jax.methods import Problem
+
+from ._timing import median_seconds
 from acdc_jax.methods.acdc import visit_order
 from acdc_jax.models import forward
 from acdc_jax.tasks import load_task_json
@@ -62,17 +64,6 @@ HERE = Path(__file__).parent
 PEER_SCRIPT = HERE / "autocircuit_run.py"
 
 
-def median_call(fn, repeats: int):
-    """``fn`` once untimed (compilation, caches), then the median seconds of ``repeats`` calls."""
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times, result
-
-
 def block(x):
     return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
 
@@ -81,13 +72,13 @@ def plain_forward_s(model, task, repeats: int) -> float:
     """One plain (ungated) forward of the clean batch, logits at the read positions only."""
     run = jax.jit(lambda m, t, p: forward(m, t, positions=p))
     tokens, positions = jnp.asarray(task.clean), jnp.asarray(task.positions)
-    return median_call(lambda: block(run(model, tokens, positions)), repeats)[0]
+    return median_seconds(lambda: block(run(model, tokens, positions)), repeats)[0]
 
 
 def gated_forward_s(problem: Problem, repeats: int) -> float:
     loss = eqx.filter_jit(Problem.loss)
     ones = problem.graph.gates(1.0, problem.model.dtype)
-    return median_call(lambda: block(loss(problem, ones)), repeats)[0]
+    return median_seconds(lambda: block(loss(problem, ones)), repeats)[0]
 
 
 def setup(data: dict, metric: str):
@@ -98,7 +89,7 @@ def setup(data: dict, metric: str):
 
 def our_eap(data: dict, repeats: int) -> dict:
     model, task, problem = setup(data, "logit_diff")
-    seconds, times, circuit = median_call(lambda: eap(problem), repeats)
+    seconds, times, circuit = median_seconds(lambda: eap(problem), repeats)
     names = problem.graph.gate_names
     return {"n_edges": len(names), "eap_s": seconds, "eap_times_s": times,
             "scores": dict(zip(names, map(float, circuit.extra.get("signed", circuit.scores)))),
@@ -116,7 +107,7 @@ def forward_equivalents(problem: Problem) -> np.ndarray:
 def our_acdc(data: dict, fraction: float, repeats: int) -> dict:
     model, task, problem = setup(data, "kl")
     threshold = fraction * problem.ablated_value()
-    seconds, times, circuit = median_call(lambda: acdc(problem, threshold=threshold), repeats)
+    seconds, times, circuit = median_seconds(lambda: acdc(problem, threshold=threshold), repeats)
     order = [problem.graph.gate_names[u] for g in visit_order(problem.graph) for u in g.units]
     return {"n_edges": problem.graph.n_gates, "threshold": threshold, "acdc_s": seconds, "acdc_times_s": times,
             "kept": sorted(circuit.kept), "visit_order": order, "evaluations": circuit.extra["evaluations"],
