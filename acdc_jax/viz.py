@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .export import _owner, _parse, edge_endpoints
+from .export import _owner, _parse, edge_endpoints, ungroup_kv
 from .graph import Graph
 from .methods._circuit import Circuit
 
@@ -245,6 +245,11 @@ def _source_anchors(edges: list[_DrawnEdge], layout: _Layout) -> dict[str, tuple
     return anchors
 
 
+def _per_query_head(circuit: Circuit) -> Circuit:
+    """The pictures have one box per query head: a grouped-k/v circuit is drawn ungrouped."""
+    return ungroup_kv(circuit) if circuit.graph.kv_grouped else circuit
+
+
 def draw_circuit(
     circuit: Circuit,
     path: str | os.PathLike,
@@ -258,8 +263,11 @@ def draw_circuit(
     """Draw the circuit to ``path`` (``.svg``, ``.png`` or ``.pdf``); conventions in the module docstring.
 
     A position-aware circuit is drawn with its positions as columns, one panel per position unit that
-    keeps something (see the module docstring)."""
+    keeps something (see the module docstring). A circuit on a grouped-k/v graph is drawn per query
+    head (``export.ungroup_kv``: a group's key or value input appears at each of its heads)."""
     from .evaluate import _figure
+
+    circuit = _per_query_head(circuit)
 
     if min_width < 0 or max_width < min_width:
         raise ValueError(f"need 0 <= min_width <= max_width, got {min_width} and {max_width}")
@@ -427,7 +435,9 @@ def to_dot(circuit: Circuit, *, hide_unused: bool = True, title: str | None = No
            min_width: float = 0.6, max_width: float = 4.0) -> str:
     """The picture of ``draw_circuit`` as Graphviz DOT source (``dot -Tsvg``): the same nodes, colours,
     widths and styles; layers are shaded clusters, heads of a layer one rank, and a head of a q/k/v
-    graph an HTML-like label with ports ``q``, ``k``, ``v`` that edges enter from below."""
+    graph an HTML-like label with ports ``q``, ``k``, ``v`` that edges enter from below. Grouped k/v
+    circuits are drawn per query head, as in ``draw_circuit``."""
+    circuit = _per_query_head(circuit)
     graph = circuit.graph
     if circuit.positions is not None:
         raise ValueError("to_dot draws position-free circuits; draw a position-aware one with draw_circuit (positions "
@@ -544,11 +554,14 @@ def plot_scores(
     dpi: int = 150,
 ) -> Path:
     """Heat map of node scores on a layer x head grid, MLPs in an extra column; with ``per_edge``,
-    also the signed edge scores by destination (rows) and source (columns)."""
+    also the signed edge scores by destination (rows) and source (columns). Grouped k/v circuits are
+    shown per query head (``export.ungroup_kv``)."""
     from matplotlib.colors import ListedColormap
     from matplotlib.lines import Line2D
 
     from .evaluate import _figure
+
+    circuit = _per_query_head(circuit)
 
     graph = circuit.graph
     if per_edge and graph.level != "edge":

@@ -243,3 +243,16 @@ def test_readme_grouped_edge_counts():
         assert (layers, heads, kv_heads) == (config.n_layers, config.n_heads, config.kv_heads)
         assert edges == Graph.from_model(config).n_edges
         assert grouped == Graph.from_model(config, kv_groups=True).n_edges
+
+
+def test_grouped_circuits_are_drawn_per_query_head(tmp_path):
+    from acdc_jax import viz
+
+    graph = Graph(2, 4, True, kv_heads=2)
+    scores = np.random.RandomState(1).normal(size=graph.n_gates)
+    circuit = aj.Circuit(method="eap", task="t", graph=graph, scores=scores, kept=("a0.1->a1.g0.k", "a1.0->logits"),
+                         metric="logit_diff", ablation="corrupt")
+    assert viz.draw_circuit(circuit, tmp_path / "c.svg").stat().st_size > 0
+    dot = viz.to_dot(circuit)
+    assert "g0" not in dot and dot.count("->") == viz.to_dot(export.ungroup_kv(circuit)).count("->")
+    assert viz.plot_scores(circuit, tmp_path / "s.png", per_edge=True).stat().st_size > 0
