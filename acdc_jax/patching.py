@@ -7,6 +7,7 @@ the corrupted run, zeros, or a dataset mean). It is an Equinox module, so it pas
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -137,12 +138,12 @@ class GatedRun(eqx.Module):
         """The same run on a subset of prompts."""
         index = jnp.asarray(index)
         positions = None if self.positions is None else self.positions[index]
-        return GatedRun(self.model, self.graph, self.tokens[index], self.ablation.rows(index), positions, self.remat)
+        return dataclasses.replace(self, tokens=self.tokens[index], ablation=self.ablation.rows(index), positions=positions)
 
     def with_remat(self, remat: bool | None = True) -> "GatedRun":
         """The same run, differentiated with (True) or without (False) recomputed layers, or as the
         methods decide (None)."""
-        return GatedRun(self.model, self.graph, self.tokens, self.ablation, self.positions, remat)
+        return dataclasses.replace(self, remat=remat)
 
     # pure functions (call these inside your own jit/grad/vmap)
 

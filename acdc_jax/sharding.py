@@ -33,6 +33,7 @@ mesh=mesh)`` then reads on each host only the shards of its own devices (README:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import equinox as eqx
@@ -44,7 +45,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from .methods import Problem
 from .models import Ablation
 from .models._sharded import MODEL, check_model_axis, parameter_specs, shard_model
-from .patching import GatedRun
 
 CONFIGS, PROMPTS = "configs", "prompts"
 __all__ = ["CONFIGS", "MODEL", "PROMPTS", "evaluate_configs", "gate_gradient", "make_mesh", "parameter_specs",
@@ -99,9 +99,9 @@ def shard_problem(problem: Problem, mesh: Mesh) -> Problem:
         base_logits=_put(abl.base_logits, mesh, _batch_spec(abl.base_logits, 0, batch)),
     )
     rows = PartitionSpec(PROMPTS)
-    sharded_run = GatedRun(
-        model, run.graph, _put(run.tokens, mesh, rows), ablation,
-        None if run.positions is None else _put(run.positions, mesh, rows), run.remat,
+    sharded_run = dataclasses.replace(
+        run, model=model, tokens=_put(run.tokens, mesh, rows), ablation=ablation,
+        positions=None if run.positions is None else _put(run.positions, mesh, rows),
     )
     inputs = jax.tree.map(lambda x: _put(x, mesh, _batch_spec(x, 0, batch)), problem.inputs)
     labels = {k: _put(v, mesh, rows) for k, v in problem.labels.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
@@ -74,12 +76,11 @@ class Problem(eqx.Module):
 
     def with_graph(self, graph: Graph) -> "Problem":
         """The same problem gated at another granularity (same model, prompts and ablation)."""
-        run = GatedRun(self.run.model, graph, self.run.tokens, self.run.ablation, self.run.positions, self.run.remat)
-        return Problem(run, self.inputs, self.metric, self.task_name, self.ablation, self.labels)
+        return dataclasses.replace(self, run=dataclasses.replace(self.run, graph=graph))
 
     def with_remat(self, remat: bool | None = True) -> "Problem":
         """The same problem with gradients through recomputed layers (see ``GatedRun``'s ``remat``)."""
-        return Problem(self.run.with_remat(remat), self.inputs, self.metric, self.task_name, self.ablation, self.labels)
+        return dataclasses.replace(self, run=self.run.with_remat(remat))
 
     def with_metric(self, metric: Metric) -> "Problem":
         return Problem(self.run, self.inputs, metric, self.task_name, self.ablation, self.labels)

@@ -952,12 +952,12 @@ def gated_forward(
         top = min(hi, last) if trim else hi
         lower = max(start_layer, lo) if isinstance(start_layer, int) else jnp.clip(start_layer, lo, top)
         step = functools.partial(layer_step, visible=visible)
-        if remat:
-            segments.append((lower, top, step))
-        else:
+        if not remat:
             deltas = lax.fori_loop(lower, top, step, deltas)
+        elif top > lower:
+            segments.append((lower, top, step))
     if segments:
-        deltas = _remat_layers([seg for seg in segments if seg[1] > seg[0]], H + M, deltas)
+        deltas = _remat_layers(segments, H + M, deltas)
     if not trim:
         final_in = ablation.base_logits + gated_read(
             read_one, gates.logits, None if ghost is None else ghost.logits, deltas, cfg.n_sources)
