@@ -340,13 +340,15 @@ def _rotate(x: Array, rot: Rotary) -> Array:
 
 
 def queries_keys(cfg: TransformerConfig, block: Block, q_in: Array, k_in: Array, rot: Rotary | None, precision,
-                 q_rot: Rotary | None = None):
+                 q_rot: Rotary | None = None, offsets: tuple[Array, Array] | None = None):
     """Head-major queries and keys as attention scores read them: projected, q/k-normed (Qwen3),
     rotated (rotary models; ``q_rot``: the queries' own rotation when they sit at other positions
-    than the keys)."""
+    than the keys). ``offsets``: (q, k) added to the projections (``SplitProbes``)."""
     attn = block.attn
     q = project_heads(cfg, block, q_in, attn.W_Q, attn.b_Q, precision)
     k = project_heads(cfg, block, k_in, attn.W_K, attn.b_K, precision)
+    if offsets is not None:
+        q, k = q + offsets[0], k + offsets[1]
     if attn.q_norm is not None:
         q = _norm(cfg, LayerNorm(attn.q_norm), q)
         k = _norm(cfg, LayerNorm(attn.k_norm), k)
@@ -400,6 +402,7 @@ def _attention(
     pattern_offset: Array | None = None,
     rot: Rotary | None = None,
     q_positions: Array | None = None,
+    qkv_offsets: tuple[Array, Array, Array] | None = None,
 ) -> Float[Array, "n_heads batch pos d_head"]:
     """One layer's attention up to the mixed values ``z`` (head-major).
 
@@ -407,12 +410,15 @@ def _attention(
     head ``[n_heads, batch, pos, d_model]``. ``pattern_offset`` is added to the probabilities (a
     probe whose gradient is d loss / d pattern; zero in value). ``rot``: the rotary tables.
     ``q_positions`` ``[batch, k]``: the queries are at these positions only (``q_in`` has ``k``
-    positions, keys and values every position).
+    positions, keys and values every position). ``qkv_offsets``: added to the projected queries,
+    keys and values (per query head; ``SplitProbes``).
     """
     attn = block.attn
     q_rot = None if rot is None or q_positions is None else Rotary(*(_at_positions(t, q_positions) for t in rot))
-    q, k = queries_keys(cfg, block, q_in, k_in, rot, precision, q_rot)
+    q, k = queries_keys(cfg, block, q_in, k_in, rot, precision, q_rot, None if qkv_offsets is None else qkv_offsets[:2])
     v = project_heads(cfg, block, v_in, attn.W_V, attn.b_V, precision)
+    if qkv_offsets is not None:
+        v = v + qkv_offsets[2]
     pattern = attention_pattern(cfg, layer, q, k, precision, q_positions)
     if pattern_offset is not None:
         pattern = pattern + pattern_offset
@@ -549,38 +555,117 @@ def attention_patterns(
     return jax.vmap(one_layer)(model.blocks, jnp.arange(cfg.n_layers), layer_inputs)
 
 
-def _residual_forward(model, tokens, positions, pos_ids, collect: bool):
+class SplitProbes(NamedTuple):
+    """Zero offsets on the plain forward whose gradients give every destination input's cotangent
+    (``split_gate_gradients``): ``q``/``k``/``v`` ``[n_layers, n_heads, batch, pos, d_head]`` are
+    added to each head's projected queries, keys and values (per query head, before q/k norms and
+    rotation), ``mlp`` ``[n_layers, batch, pos, d_model]`` to each MLP's input residual (before its
+    norm), ``final`` ``[batch, pos, d_model]`` to the unembedding's input."""
+
+    q: Array
+    k: Array
+    v: Array
+    mlp: Array | None
+    final: Array
+
+    @classmethod
+    def zeros(cls, cfg: TransformerConfig, batch: int, n_pos: int, dtype) -> "SplitProbes":
+        heads = jnp.zeros((cfg.n_layers, cfg.n_heads, batch, n_pos, cfg.d_head), dtype)
+        residual = jnp.zeros((batch, n_pos, cfg.d_model), dtype)
+        mlp = jnp.broadcast_to(residual, (cfg.n_layers,) + residual.shape) if cfg.has_mlp else None
+        return cls(q=heads, k=heads, v=heads, mlp=mlp, final=residual)
+
+
+class Mixture(NamedTuple):
+    """Every gate at one value ``alpha``: each source writes ``x~_s + alpha (x_s - x~_s)`` into one
+    residual stream (``ablation.values`` are the ``x~_s``; ``b_O`` is written as the gated forward's
+    base has it). This is the gated model at gates ``alpha`` on a graph in which every input reads
+    every earlier source: all of a layer's inputs are then the same residual."""
+
+    alpha: Array
+    ablation: "Ablation"
+
+
+class Collected(NamedTuple):
+    """What ``_residual_forward`` collects beside the logits: every source's value in this run
+    ``[n_sources, batch, pos, d_model]``, and (with a ``Mixture`` or probes) each layer's attention
+    input and MLP input ``[n_layers, batch, pos, d_model]`` and the unembedding's input."""
+
+    values: Array
+    attn_in: Array | None = None
+    mlp_in: Array | None = None
+    final_in: Array | None = None
+
+
+def _residual_forward(model, tokens, positions, pos_ids, collect: bool, probes: SplitProbes | None = None,
+                      mixture: Mixture | None = None):
+    """The one-residual forward: the plain model, or with ``mixture`` every gate at one value; with
+    ``probes`` the offsets of ``SplitProbes`` are added (zero in value). Returns the logits and,
+    with ``collect`` (implied by probes or a mixture), ``Collected``."""
     cfg = model.config
     precision = model.precision
+    H = cfg.n_heads
+    inputs_too = probes is not None or mixture is not None
+    collect = collect or inputs_too
     x = _embed(model, tokens, pos_ids)
     embed_out = x
     rot = rotary_tables(cfg, tokens.shape[1], pos_ids, x.dtype)
+    if mixture is not None:
+        ablated = mixture.ablation.values
+        alpha = jnp.asarray(mixture.alpha, x.dtype)
+        x = ablated[0] + alpha * (embed_out - ablated[0])
+
+    def written(values, first, n):
+        """What sources ``first .. first + n - 1`` write into the residual (summed)."""
+        if mixture is None:
+            return values.sum(0)
+        before = lax.dynamic_slice_in_dim(ablated, first, n, axis=0)
+        return (before + alpha * (values - before)).sum(0)
 
     def layer_step(x, inputs):
-        block, layer = inputs
-        z = _attention(cfg, block, layer, x, x, x, precision, rot=rot)
+        block, layer, probe = inputs
+        offsets = None if probes is None else (probe.q, probe.k, probe.v)
+        z = _attention(cfg, block, layer, x, x, x, precision, rot=rot, qkv_offsets=offsets)
         x_before = x
+        first = 1 + layer * (H + int(cfg.has_mlp))
         # the residual gets the attention output as the model computes it (summed, then normed);
         # the per-head source values are collected beside it
-        if collect:
+        if mixture is not None:
             results = _heads_gathered(model, jnp.einsum("hbqe,hed->hbqd", z, block.attn.W_O, precision=precision))
-            x = x + _attention_output(cfg, block, results.sum(0))
+            sources = _head_sources(cfg, block, results)
+            x = x + written(sources, first, H)
+            if block.attn.b_O is not None:  # as Ablation.from_values writes it into the base
+                x = x + _lead(block.attn.b_O, 3)
         else:
+            # the heads' sum as its own contraction: XLA's CPU sum over the leading (head) axis of the
+            # per-head outputs costs six times the projection
             x = x + _attention_output(cfg, block, jnp.einsum("hbqe,hed->bqd", z, block.attn.W_O, precision=precision))
-        outs = [_head_sources(cfg, block, results)] if collect else []
+            if collect:
+                results = _heads_gathered(model, jnp.einsum("hbqe,hed->hbqd", z, block.attn.W_O, precision=precision))
+                sources = _head_sources(cfg, block, results)
+        outs = [sources] if collect else []
+        mlp_in = None
         if cfg.has_mlp:
-            m = _mlp(cfg, block, x_before if cfg.parallel else x, precision)  # parallel: the same residual as the heads
-            x = x + m
+            mlp_in = x_before if cfg.parallel else x  # parallel: the same residual as the heads
+            m = _mlp(cfg, block, mlp_in if probes is None else mlp_in + probe.mlp, precision)
+            x = x + (m if mixture is None else written(m[None], first + H, 1))
             if collect:
                 outs.append(m[None])
-        return x, (jnp.concatenate(outs, axis=0) if collect else None)
+        per_layer = jnp.concatenate(outs, axis=0) if collect else None
+        return x, (per_layer, x_before, mlp_in) if inputs_too else per_layer
 
-    x, per_layer = lax.scan(layer_step, x, (model.blocks, jnp.arange(cfg.n_layers)))
-    logits = _unembed(model, x, positions)
+    layer_probes = None if probes is None else probes._replace(final=None)
+    x, per_layer = lax.scan(layer_step, x, (model.blocks, jnp.arange(cfg.n_layers), layer_probes))
+    final_in = x
+    logits = _unembed(model, x if probes is None else x + probes.final, positions)
     if not collect:
         return logits, None
+    if inputs_too:
+        per_layer, attn_in, mlp_in = per_layer
     values = jnp.concatenate([embed_out[None], per_layer.reshape((-1,) + per_layer.shape[2:])], axis=0)
-    return logits, values
+    if not inputs_too:
+        return logits, values
+    return logits, Collected(values, attn_in, mlp_in, final_in)
 
 
 # --------------------------------------------------------------------------------------------
