@@ -22,6 +22,7 @@ chunks go.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -35,7 +36,8 @@ from jaxtyping import Array
 
 from ..graph import Graph
 from ..models import Probes, gated_forward, rows_shared
-from ..patching import (GatedRun, auto_chunk_size, backward_forwards, bytes_per_configuration, chunked_vmap,
+from ..models._split import split_pullback
+from ..patching import (GatedRun, activation_bytes, auto_chunk_size, backward_forwards, bytes_per_configuration, chunked_vmap,
                         device_memory_bytes, graph_reads, remat_pays, source_values)
 from ._circuit import Circuit
 from ._positions import PositionUnits
@@ -68,6 +70,116 @@ def shares_rows(graph: Graph, *gate_vectors) -> bool:
             if not rows_shared(graph.dense(vector)):
                 return False
     return True
+
+
+# --------------------------------------------------------------------------------------------
+# Uniform points: every gate at one value, gradients from one residual stream (models._split)
+
+
+def uniform_alphas(graph: Graph, points) -> np.ndarray | None:
+    """The gate value of each point (``[n_points, (pos,) n_gates]``) when at every point every
+    destination input reads every source before it with one gate value, so that the gated model is
+    one residual stream (``models.split_pullback``); None when some point is not so. Holds at every
+    uniform gate vector of a graph without internal edges (whose gates multiply the residual
+    edges' gates), and at 0 and 1 with them."""
+    points = np.asarray(points)
+    flat = points.reshape(points.shape[0], -1)
+    alphas = flat[:, 0]
+    if not np.array_equal(flat, np.broadcast_to(alphas[:, None], flat.shape)):
+        return None
+    full = _full_reads(graph)
+    for alpha in alphas:
+        dense = graph.dense(np.full(graph.n_gates, alpha, points.dtype))
+        laid = np.concatenate([np.asarray(dense.attn).reshape(-1, graph.n_sources)]
+                              + ([np.asarray(dense.mlp)] if dense.mlp is not None else [])
+                              + [np.asarray(dense.logits)[None]])
+        if not np.array_equal(laid, alpha * full):
+            return None
+    return alphas.astype(np.float64)
+
+
+@functools.lru_cache(maxsize=32)
+def _full_reads(graph: Graph) -> np.ndarray:
+    """``[n_rows, n_sources]``: 1 where a destination row reads a source in the plain model."""
+    full = np.zeros((graph._n_rows, graph.n_sources))
+    for row, available in graph._dest_info.values():
+        full[row, :available] = 1.0
+    return full
+
+
+def split_backward_bytes(problem: Problem) -> int:
+    """Rough peak memory of ``uniform_gate_gradients`` per prompt: the plain backward's residuals
+    (a layer's work per layer), every source's value, and one layer's input cotangents."""
+    cfg, run = problem.model.config, problem.run
+    n_rows, n_pos = run.tokens.shape
+    itemsize = jnp.dtype(problem.model.dtype).itemsize
+    one_layer = activation_bytes(cfg, 8, 1, n_pos, itemsize) - cfg.n_sources * n_pos * cfg.d_model * itemsize
+    return cfg.n_layers * one_layer + (2 * cfg.n_sources + 2 * problem.graph.n_in) * n_pos * cfg.d_model * itemsize
+
+
+def uniform_gate_gradients(problem: Problem, alphas, *, per_position: bool = False, per_row: bool = False,
+                           chunk_size: int | None = None) -> np.ndarray:
+    """``d loss / d gates`` at each uniform point ``alphas[i]`` (see ``uniform_alphas``), exactly the
+    gated forward's gradient, from one forward and one backward pass of one residual stream per
+    point (``models.split_pullback``): ``[n_points, (n_rows,) (n_pos,) n_gates]``. Prompts are
+    chunked as in ``pullback`` (exact for any metric: the cotangent of the logits is taken on the
+    whole batch)."""
+    n_rows = problem.run.tokens.shape[0]
+    if chunk_size is None:
+        fit = int(0.5 * device_memory_bytes() // max(1.0, split_backward_bytes(problem)))
+        chunk_size = max(1, min(n_rows, fit))
+    out = []
+    for alpha in np.asarray(alphas, np.float64):
+        value = None if alpha == 1.0 else jnp.asarray(alpha, problem.model.dtype)  # 1: the plain model itself
+        out.append(np.asarray(_jit_split_gradients(computation(problem), value, per_position, per_row,
+                                                   int(chunk_size)), np.float64))
+    return np.stack(out)
+
+
+@eqx.filter_jit
+def _jit_split_gradients(problem: Problem, alpha, per_position: bool, per_row: bool, chunk: int):
+    run, graph = problem.run, problem.graph
+    n_rows, n_pos = run.tokens.shape
+    level = 1.0 if alpha is None else alpha
+    point = jnp.full((n_pos, graph.n_gates) if per_position else (graph.n_gates,), level, problem.model.dtype)
+    _, to_vector = jax.vjp(graph.dense, point)
+    if per_row:
+        to_vector = jax.vmap(to_vector)
+
+    def pullback_of(rows: GatedRun):
+        return split_pullback(rows.model, rows.ablation, rows.tokens, alpha, n_in=graph.n_in,
+                              positions=rows.positions, per_position=per_position, per_row=per_row)
+
+    def loss(logits):
+        return problem.metric.loss(logits, problem.inputs)
+
+    if n_rows <= chunk:
+        logits, pull = pullback_of(run)
+        return to_vector(pull(jax.grad(loss)(logits)))[0]
+
+    n_chunks = math.ceil(n_rows / chunk)
+    index = jnp.arange(n_chunks * chunk, dtype=jnp.int32)
+    real = index < n_rows
+    index = jnp.where(real, index, 0).reshape(n_chunks, chunk)
+    logits = lax.map(lambda i: pullback_of(run.rows(i))[0], index)
+    logits = logits.reshape((n_chunks * chunk,) + logits.shape[2:])[:n_rows]
+    cotangent = jax.grad(loss)(logits)
+    cotangent = jnp.concatenate([cotangent, jnp.zeros((n_chunks * chunk - n_rows,) + cotangent.shape[1:],
+                                                      cotangent.dtype)]).reshape((n_chunks, chunk) + cotangent.shape[1:])
+
+    def body(total, chunk_in):
+        i, ct = chunk_in
+        _, pull = pullback_of(run.rows(i))
+        grads = to_vector(pull(ct))[0]
+        if per_row:
+            return total, grads
+        return total + grads.astype(total.dtype), None
+
+    total = jnp.zeros(point.shape, jnp.promote_types(point.dtype, jnp.float32))
+    total, per_chunk = lax.scan(body, total, (index, cotangent))
+    if per_row:
+        return per_chunk.reshape((n_chunks * chunk,) + per_chunk.shape[2:])[:n_rows]
+    return total
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._circuit import Circuit
-from ._gradients import MINIMUM_AT_CLEAN, attribution_circuit, gate_point_logits, pullback, shares_rows
+from ._gradients import (MINIMUM_AT_CLEAN, attribution_circuit, gate_point_logits, pullback, shares_rows,
+                         uniform_alphas, uniform_gate_gradients)
 from ._positions import resolve_positions
 from ._problem import Problem
 
@@ -42,12 +43,17 @@ from ._problem import Problem
 def gate_gradients(problem: Problem, points, *, chunk_size: int | None = None) -> np.ndarray:
     """``d loss / d gates`` at each gate vector of ``points`` (``[n_points, n_gates]``, or per-position
     gates ``[n_points, n_pos, n_gates]``), summed exactly over the prompts (chunked if needed); one
-    compilation per number of points."""
+    compilation per number of points. Where every point is uniform (``_gradients.uniform_alphas``:
+    all gates 1, all gates 0, EAP-IG's steps) they come from one residual stream per point instead
+    of the gated forward (``models.split_pullback``): the same numbers at the plain model's cost."""
     points = jnp.asarray(points, problem.model.dtype)
     n_gates, n_pos = problem.graph.n_gates, problem.run.tokens.shape[1]
     if points.ndim not in (2, 3) or points.shape[-1] != n_gates or (points.ndim == 3 and points.shape[1] != n_pos):
         raise ValueError(f"points must be [n_points, {n_gates}] gate vectors or [n_points, {n_pos}, {n_gates}] "
                          f"per-position gates, got {points.shape}")
+    alphas = uniform_alphas(problem.graph, points)
+    if alphas is not None:  # one residual stream per point: the plain model's forward and backward
+        return uniform_gate_gradients(problem, alphas, per_position=points.ndim == 3, chunk_size=chunk_size)
     _, grad, _ = pullback(
         problem,
         gate_point_logits,
