@@ -26,14 +26,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._circuit import Circuit
-from ._gradients import MINIMUM_AT_CLEAN, attribution_circuit, gate_point_logits, pullback, shares_rows
+from ._gradients import (MINIMUM_AT_CLEAN, attribution_circuit, gate_point_logits, pullback, shares_rows,
+                         uniform_alphas, uniform_gate_gradients)
 from ._problem import Problem
 
 
 def per_prompt_gate_gradients(problem: Problem, gates, *, chunk_size: int | None = None) -> np.ndarray:
-    """``[n_prompts, n_gates]``: each prompt's share of ``d loss / d gates`` (they sum to the batch gradient)."""
+    """``[n_prompts, n_gates]``: each prompt's share of ``d loss / d gates`` (they sum to the batch
+    gradient). At a uniform gate vector (all 1 for HISP) from one residual stream, at the plain
+    model's cost (``_gradients.uniform_gate_gradients``); elsewhere from the gated forward."""
     dtype = problem.model.dtype
     gates = jnp.asarray(gates, dtype)
+    alphas = uniform_alphas(problem.graph, gates[None])
+    if alphas is not None:
+        return uniform_gate_gradients(problem, alphas, per_row=True, chunk_size=chunk_size)[0]
     n_rows = problem.run.tokens.shape[0]
     _, _, per_prompt = pullback(
         problem,
