@@ -70,3 +70,19 @@ def test_points_that_are_not_uniform_keep_the_gated_forward():
     gates[0, 5] = 0.0
     assert uniform_alphas(problem.graph, gates) is None
     assert uniform_alphas(problem.graph, np.stack([gates[0] * 0 + 1, gates[0] * 0 + 0.5])) is not None
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms", "gemma_rms", "none"])
+def test_the_shared_norm_vjp_is_the_norms_vjp(kind):
+    from acdc_jax.models._split import shared_norm_vjp
+    from acdc_jax.models._transformer import LayerNorm, _norm
+    rng = np.random.RandomState(0)
+    config = dataclasses.replace(TINY_CONFIGS["gpt2-like"], normalization="gemma_rms" if kind == "gemma_rms" else "ln")
+    d = config.d_model
+    with jax.enable_x64(True):
+        ln = None if kind == "none" else LayerNorm(w=jnp.asarray(1 + 0.3 * rng.randn(d)),
+                                                   b=jnp.asarray(rng.randn(d)) if kind == "layer" else None)
+        x, cts = jnp.asarray(2 + 3 * rng.randn(2, 3, d)), jnp.asarray(rng.randn(5, 2, 3, d))
+        _, vjp = jax.vjp(lambda r: _norm(config, ln, r), x)
+        expected = np.stack([vjp(c)[0] for c in cts])
+        np.testing.assert_allclose(shared_norm_vjp(config, ln, x, cts), expected, rtol=1e-12, atol=1e-12)

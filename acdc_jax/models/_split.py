@@ -18,38 +18,75 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array
 
-from ._transformer import (Ablation, DenseGates, Mixture, SplitProbes, Transformer, _norm, _residual_forward,
-                           layer_segments)
+from ._transformer import (Ablation, DenseGates, LayerNorm, Mixture, SplitProbes, Transformer, TransformerConfig,
+                           _at_least_f32, _inverse_rms, _lead, _residual_forward)
 
 
 def input_cotangents(model: Transformer, block, dq: Array, dk: Array, dv: Array, n_in: int) -> Array:
     """The cotangents ``[n_in, batch, pos, d_model]`` of a layer's attention inputs (after the
     input norm, before its Jacobian), in the gated forward's row layout (``DenseGates``), from the
-    cotangents of the projected queries, keys and values ``[n_heads, batch, pos, d_head]``."""
+    cotangents of the projected queries, keys and values ``[n_heads, batch, pos, d_head]``.
+
+    One batched contraction ``row r: d_r @ W_r^T`` over rows laid out as the inputs are (the small
+    ``d_head`` sides are stacked, not the ``d_model`` outputs: stacking three per-kind results into
+    the interleaved layout cost twice the contractions on XLA's CPU)."""
     cfg = model.config
     H, G = cfg.n_heads, cfg.kv_heads
     attn = block.attn
 
-    def back(d, W):
-        return jnp.einsum("hbpe,hde->hbpd", d, W, precision=model.precision)
+    def rows(*parts):  # interleave per-row parts [n, ...] -> [n * len(parts), ...]
+        return jnp.stack(parts, axis=1).reshape((-1,) + parts[0].shape[1:])
 
-    cq = back(dq, attn.W_Q)
     if n_in == H + 2 * G and G < H:  # k and v per key/value head: a group's heads share the input
-        def grouped(d, W):
-            return back(d.reshape((G, cfg.kv_group) + d.shape[1:]).sum(1), W)
+        def grouped(d):
+            return d.reshape((G, cfg.kv_group) + d.shape[1:]).sum(1)
 
-        kv = jnp.stack([grouped(dk, attn.W_K), grouped(dv, attn.W_V)], axis=1)
-        return jnp.concatenate([cq, kv.reshape((2 * G,) + kv.shape[2:])], axis=0)
+        d_rows = jnp.concatenate([dq, rows(grouped(dk), grouped(dv))], axis=0)
+        W_rows = jnp.concatenate([attn.W_Q, rows(attn.W_K, attn.W_V)], axis=0)
+    else:
+        def per_head(W):
+            return W if W.shape[0] == H else jnp.repeat(W, cfg.kv_group, axis=0)
 
-    def per_head(W):
-        return W if W.shape[0] == H else jnp.repeat(W, cfg.kv_group, axis=0)
+        W_K, W_V = per_head(attn.W_K), per_head(attn.W_V)
+        if n_in == 3 * H:
+            d_rows, W_rows = rows(dq, dk, dv), rows(attn.W_Q, W_K, W_V)
+        elif n_in == H:  # one input per head: its q, k and v cotangents summed, as one contraction
+            d_rows = jnp.concatenate([dq, dk, dv], axis=-1)
+            W_rows = jnp.concatenate([attn.W_Q, W_K, W_V], axis=-1)
+        else:
+            raise ValueError(f"{n_in} attention inputs per layer do not fit a model with {H} heads and {G} "
+                             "key/value heads")
+    return jnp.einsum("nbpe,nde->nbpd", d_rows, W_rows, precision=model.precision)
 
-    ck, cv = back(dk, per_head(attn.W_K)), back(dv, per_head(attn.W_V))
-    if n_in == 3 * H:
-        return jnp.stack([cq, ck, cv], axis=1).reshape((3 * H,) + cq.shape[1:])
-    if n_in == H:
-        return cq + ck + cv
-    raise ValueError(f"{n_in} attention inputs per layer do not fit a model with {H} heads and {G} key/value heads")
+
+def shared_norm_vjp(cfg: TransformerConfig, ln: LayerNorm | None, x: Array, cotangents: Array) -> Array:
+    """The vjp of the config's input norm (``_norm``) at one input ``x`` ``[batch, pos, d_model]``
+    for many cotangents ``[n, batch, pos, d_model]``: its statistics taken once from ``x``. With
+    ``g = ct * scale`` and ``x_hat`` the normalised input, ``r`` its inverse scale::
+
+        LayerNorm: r * (g - mean(g) - x_hat * mean(g * x_hat))      RMSNorm: r * (g - x_hat * mean(g * x_hat))
+
+    (the vjp of one broadcast norm recomputed the statistics per cotangent and cost three times as
+    much; vmapping one norm's vjp over the cotangents gave float32 results 5% off under jit, with
+    jax 0.10.2 on CPU, correct eagerly and in float64)."""
+    if ln is None:
+        return cotangents
+    wide = _at_least_f32(x)
+    if ln.b is None:
+        inverse = _inverse_rms(x, cfg.ln_eps)
+        x_hat = wide * inverse
+    else:
+        centred = wide - wide.mean(-1, keepdims=True)
+        inverse = lax.rsqrt((centred * centred).mean(-1, keepdims=True) + cfg.ln_eps)
+        x_hat = centred * inverse
+    scale = _lead(ln.w, x.ndim).astype(wide.dtype)
+    if cfg.normalization == "gemma_rms":
+        scale = 1.0 + scale
+    g = _at_least_f32(cotangents) * scale[None]
+    out = g - x_hat[None] * (g * x_hat[None]).mean(-1, keepdims=True)
+    if ln.b is not None:
+        out = out - g.mean(-1, keepdims=True)
+    return (inverse[None] * out).astype(cotangents.dtype)
 
 
 def split_pullback(
@@ -82,44 +119,35 @@ def split_pullback(
     logits, vjp, collected = jax.vjp(run, SplitProbes.zeros(cfg, batch, n_pos, model.dtype), has_aux=True)
     deltas = collected.values - ablation.values
     spec = "nbpd,sbpd->" + ("b" if per_row else "") + ("p" if per_position else "") + "ns"
-    H, M, S = cfg.n_heads, int(cfg.has_mlp), cfg.n_sources
+    S = cfg.n_sources
 
-    def contract(grads, visible):
+    def contract(grads):  # [n, batch, pos, d_model] with every source's difference: [(b,) (p,) n, S]
+        # all sources, also those a layer cannot read yet: slicing the buffer to the visible ones
+        # copies it, which cost more than the extra rows' arithmetic (XLA CPU)
         if per_row or per_position:
-            return jnp.einsum(spec, grads, deltas[:visible], precision=model.precision)
-        # one contracted axis: XLA's CPU dot over the three axes (batch, pos, d_model) is 4-5x slower
-        flat = jnp.einsum("sk,nk->sn", deltas[:visible].reshape(visible, -1), grads.reshape(grads.shape[0], -1),
+            return jnp.einsum(spec, grads, deltas, precision=model.precision)
+        # one contracted axis: XLA's CPU dot over the three axes (batch, pos, d_model) is 4-5x slower;
+        # and the [S, n] product is kept as computed: letting XLA fold the transpose into the dot
+        # (an [n, S] output) made it 2.5x slower
+        flat = jnp.einsum("sk,nk->sn", deltas.reshape(S, -1), grads.reshape(grads.shape[0], -1),
                           precision=model.precision)
-        return flat.T
-
-    def pad(x, visible):  # sources on the last axis, up to S
-        return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, S - visible)])
+        return lax.optimization_barrier(flat).T
 
     def pull(cotangent) -> DenseGates:
         (d,) = vjp(cotangent)
-        attn_rows, mlp_rows = [], []
-        for lo, hi in layer_segments(cfg.n_layers):
-            visible = min(S, 1 + hi * (H + M))
-            layers = (jax.tree.map(lambda leaf, lo=lo, hi=hi: leaf[lo:hi], model.blocks), collected.attn_in[lo:hi],
-                      d.q[lo:hi], d.k[lo:hi], d.v[lo:hi], None if d.mlp is None else d.mlp[lo:hi])
 
-            def one(layer, visible=visible):
-                block, x, dq, dk, dv, dm = layer
-                cotangents = input_cotangents(model, block, dq, dk, dv, n_in)
-                # one norm per input, as the gated forward has them (elementwise work). Vmapping one
-                # norm's vjp over the inputs instead gave float32 gradients 5% off under jit (jax
-                # 0.10.2 on CPU; correct eagerly, in a Python loop, and in float64)
-                _, norm_vjp = jax.vjp(lambda r: _norm(cfg, block.ln1, r), jnp.broadcast_to(x, cotangents.shape))
-                (grads,) = norm_vjp(cotangents)
-                attn = pad(contract(grads, visible), visible)
-                return attn, None if dm is None else pad(contract(dm[None], visible), visible)
+        def one(layer):
+            block, x, dq, dk, dv, dm = layer
+            cotangents = input_cotangents(model, block, dq, dk, dv, n_in)
+            grads = shared_norm_vjp(cfg, block.ln1, x, cotangents)  # every input is the same residual x
+            if dm is None:
+                return contract(grads), None
+            # the MLP's input (its probe sits before its norm) in the same pass over the sources
+            both = contract(jnp.concatenate([grads, dm[None]], axis=0))
+            return both[..., :-1, :], both[..., -1, :]
 
-            attn, mlp = lax.map(one, layers)
-            attn_rows.append(attn)
-            mlp_rows.append(mlp)
-        attn = jnp.concatenate(attn_rows, axis=0)  # [L, (b,) (P,) n_in, S]
-        mlp = jnp.concatenate(mlp_rows, axis=0)[..., 0, :] if M else None  # one row: drop the n axis
-        final = contract(d.final[None], S)[..., 0, :]
+        attn, mlp = lax.map(one, (model.blocks, collected.attn_in, d.q, d.k, d.v, d.mlp))  # [L, (b,) (P,) n_in, S]
+        final = contract(d.final[None])[..., 0, :]
         if per_row:  # the batch axis first, as one DenseGates per prompt
             attn, mlp = jnp.moveaxis(attn, 1, 0), None if mlp is None else jnp.moveaxis(mlp, 1, 0)
         return DenseGates(attn=attn, mlp=mlp, logits=final)
