@@ -36,6 +36,8 @@ def main(argv=None):
     parser.add_argument("--per-head", action="store_true", help="one input per head (11,611 edges)")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense-read comparison (slow at large batches)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--atp", action="store_true",
+                        help="also AtP* (QK fix, GradDrop), on the split path and on the gated forward")
     args = parser.parse_args(argv)
 
     cfg = TransformerConfig.gpt2(args.size)
@@ -74,25 +76,48 @@ def main(argv=None):
     plain_times = _median_seconds(lambda: plain(model, tokens, positions).block_until_ready(), args.repeats)
     ones = problem.graph.gates(1.0, model.dtype)[None]
 
-    def dense_eap():
-        aux = {"gates": ones, "shared_rows": False}
+    def gated_eap(shared_rows: bool):
+        aux = {"gates": ones, "shared_rows": shared_rows}
         return np.asarray(pullback(problem, gate_point_logits, n_points=1, weights=np.ones(1), aux=aux,
                                    shared=np.zeros_like(ones))[1][0])
 
     results |= {"plain_forward_s": plain_times, "eap_in_plain_forwards": round(results["eap_s"] / plain_times, 2)}
-    if not args.no_dense:
-        dense_s = _median_seconds(dense_eap, args.repeats)
-        dense_scores = -dense_eap()
+    # the gated forward's own gradient at gates 1, as EAP computed it before the split-input path
+    for name, shared_rows in (("shared_read", True),) + ((("dense_read", False),) if not args.no_dense else ()):
+        seconds = _median_seconds(lambda s=shared_rows: gated_eap(s), args.repeats)
+        scores = -gated_eap(shared_rows)
         results |= {
-            "dense_read_eap_s": dense_s,
-            "dense_read_in_plain_forwards": round(dense_s / plain_times, 2),
-            "max_rel_diff_to_dense": float(np.abs(first.scores - dense_scores).max() / np.abs(dense_scores).max()),
+            f"{name}_eap_s": seconds,
+            f"{name}_in_plain_forwards": round(seconds / plain_times, 2),
+            f"max_rel_diff_to_{name}": float(np.abs(first.scores - scores).max() / np.abs(scores).max()),
         }
+    if args.atp:
+        results |= _atp_star(problem, plain_times, args.repeats)
     settings = {"model": args.size, "prompts": args.prompts, "pos": args.pos,
                 "graph": "per-head" if args.per_head else "q/k/v-split", "metric": "logit_diff", "dtype": args.dtype}
     entry = record("eap_speed", settings, results)
     for k, v in entry["results"].items():
         print(f"{k:>22}: {v}")
+
+
+def _atp_star(problem, plain_s: float, repeats: int) -> dict:
+    """AtP* (L + 1 GradDrop passes with pattern gradients, then the QK fix) on the one-residual path
+    and, forced, on the gated forward's probes (as before the split path)."""
+    from acdc_jax.methods import atp_star as atp_module
+
+    split = atp_module.atp_star(problem).scores
+    split_s = _median_seconds(lambda: atp_module.atp_star(problem), repeats)
+    original = atp_module.uniform_alphas
+    atp_module.uniform_alphas = lambda graph, points: None
+    unrolled = problem.with_remat(False)  # GradDrop's traced layer under remat fails in the gated path (a known bug)
+    try:
+        gated = atp_module.atp_star(unrolled).scores
+        gated_s = _median_seconds(lambda: atp_module.atp_star(unrolled), max(1, repeats // 3))
+    finally:
+        atp_module.uniform_alphas = original
+    return {"atp_star_s": split_s, "atp_star_in_plain_forwards": round(split_s / plain_s, 2),
+            "gated_atp_star_s": gated_s, "gated_atp_star_in_plain_forwards": round(gated_s / plain_s, 2),
+            "max_rel_diff_atp_star": float(np.abs(split - gated).max() / np.abs(gated).max())}
 
 
 def _median_seconds(fn, repeats: int) -> float:

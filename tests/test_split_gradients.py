@@ -86,3 +86,16 @@ def test_the_shared_norm_vjp_is_the_norms_vjp(kind):
         _, vjp = jax.vjp(lambda r: _norm(config, ln, r), x)
         expected = np.stack([vjp(c)[0] for c in cts])
         np.testing.assert_allclose(shared_norm_vjp(config, ln, x, cts), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_atp_star_from_the_split_path_equals_the_gated_probes(monkeypatch):
+    """AtP* with GradDrop and the QK fix: the one-residual pullbacks (one per dropped layer, pattern
+    probes) give the gated forward's estimates."""
+    from acdc_jax.methods import atp_star as atp_module
+    with jax.enable_x64(True):
+        problem = _problem(ALL_FEATURES, jnp.float64)
+        split = atp_module.atp_estimates(problem, chunk_size=2)
+        monkeypatch.setattr(atp_module, "uniform_alphas", lambda graph, points: None)  # force the gated forward
+        gated = atp_module.atp_estimates(problem, chunk_size=2)
+    assert split.shape == (1 + ALL_FEATURES.n_layers, problem.graph.n_gates) and np.abs(gated).max() > 1e-3
+    np.testing.assert_allclose(split, gated, rtol=0, atol=1e-12 * np.abs(gated).max())

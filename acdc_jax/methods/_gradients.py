@@ -107,14 +107,17 @@ def _full_reads(graph: Graph) -> np.ndarray:
     return full
 
 
-def split_backward_bytes(problem: Problem) -> int:
+def split_backward_bytes(problem: Problem, pattern: bool = False) -> int:
     """Rough peak memory of ``uniform_gate_gradients`` per prompt: the plain backward's residuals
-    (a layer's work per layer), every source's value, and one layer's input cotangents."""
+    (a layer's work per layer), every source's value, and one layer's input cotangents; with
+    ``pattern`` every head's pattern gradient too."""
     cfg, run = problem.model.config, problem.run
     n_rows, n_pos = run.tokens.shape
     itemsize = jnp.dtype(problem.model.dtype).itemsize
     one_layer = activation_bytes(cfg, 8, 1, n_pos, itemsize) - cfg.n_sources * n_pos * cfg.d_model * itemsize
-    return cfg.n_layers * one_layer + (2 * cfg.n_sources + 2 * problem.graph.n_in) * n_pos * cfg.d_model * itemsize
+    patterns = 2 * cfg.n_layers * cfg.n_heads * n_pos * n_pos * itemsize if pattern else 0
+    return (cfg.n_layers * one_layer + (2 * cfg.n_sources + 2 * problem.graph.n_in) * n_pos * cfg.d_model * itemsize
+            + patterns)
 
 
 def uniform_gate_gradients(problem: Problem, alphas, *, per_position: bool = False, per_row: bool = False,
@@ -124,10 +127,7 @@ def uniform_gate_gradients(problem: Problem, alphas, *, per_position: bool = Fal
     point (``models.split_pullback``): ``[n_points, (n_rows,) (n_pos,) n_gates]``. Prompts are
     chunked as in ``pullback`` (exact for any metric: the cotangent of the logits is taken on the
     whole batch)."""
-    n_rows = problem.run.tokens.shape[0]
-    if chunk_size is None:
-        fit = int(0.5 * device_memory_bytes() // max(1.0, split_backward_bytes(problem)))
-        chunk_size = max(1, min(n_rows, fit))
+    chunk_size = _split_chunk(problem, chunk_size)
     out = []
     for alpha in np.asarray(alphas, np.float64):
         value = None if alpha == 1.0 else jnp.asarray(alpha, problem.model.dtype)  # 1: the plain model itself
@@ -136,8 +136,34 @@ def uniform_gate_gradients(problem: Problem, alphas, *, per_position: bool = Fal
     return np.stack(out)
 
 
+def _split_chunk(problem: Problem, chunk_size: int | None, pattern: bool = False) -> int:
+    if chunk_size is None:
+        fit = int(0.5 * device_memory_bytes() // max(1.0, split_backward_bytes(problem, pattern)))
+        chunk_size = max(1, min(problem.run.tokens.shape[0], fit))
+    return int(chunk_size)
+
+
+def dropped_gradients_and_patterns(problem: Problem, drops, *, pattern: bool = True, chunk_size: int | None = None):
+    """At all gates 1, for each GradDrop layer of ``drops`` (-1: none): ``d loss / d gates``
+    ``[n_drops, n_gates]`` and (``pattern``, else None) ``d loss / d pattern`` ``[n_drops, n_prompts,
+    L, H, q, k]``, from one
+    residual stream per drop (``models.split_pullback``), as the gated forward's probes give them
+    (``drop_layer_logits``). One compilation for every drop."""
+    chunk = _split_chunk(problem, chunk_size, pattern=pattern)
+    grads, patterns = [], []
+    for drop in np.asarray(drops, np.int32):
+        out = _jit_split_gradients(computation(problem), None, False, False, chunk, jnp.int32(drop), pattern)
+        g, p = out if pattern else (out, None)
+        grads.append(np.asarray(g, np.float64))
+        patterns.append(p)
+    return np.stack(grads), jnp.stack(patterns) if pattern else None
+
+
 @eqx.filter_jit
-def _jit_split_gradients(problem: Problem, alpha, per_position: bool, per_row: bool, chunk: int):
+def _jit_split_gradients(problem: Problem, alpha, per_position: bool, per_row: bool, chunk: int, drop=-1,
+                         pattern: bool = False):
+    """``d loss / d gates`` at the uniform point ``alpha`` (None: 1), chunked over prompts; with
+    ``pattern`` also ``d loss / d pattern`` per prompt ``[n_prompts, L, H, q, k]``."""
     run, graph = problem.run, problem.graph
     n_rows, n_pos = run.tokens.shape
     level = 1.0 if alpha is None else alpha
@@ -147,15 +173,27 @@ def _jit_split_gradients(problem: Problem, alpha, per_position: bool, per_row: b
         to_vector = jax.vmap(to_vector)
 
     def pullback_of(rows: GatedRun):
-        return split_pullback(rows.model, rows.ablation, rows.tokens, alpha, n_in=graph.n_in,
-                              positions=rows.positions, per_position=per_position, per_row=per_row)
+        logits, pull = split_pullback(rows.model, rows.ablation, rows.tokens, alpha, n_in=graph.n_in,
+                                      positions=rows.positions, per_position=per_position, per_row=per_row,
+                                      pattern=pattern, drop_layer=drop)
+
+        def gates_and_pattern(ct):  # the gate vector's gradient, and the pattern's with the rows first
+            if not pattern:
+                return to_vector(pull(ct))[0], None
+            dense, d_pattern = pull(ct)
+            return to_vector(dense)[0], jnp.moveaxis(d_pattern, 2, 0)
+
+        return logits, gates_and_pattern
 
     def loss(logits):
         return problem.metric.loss(logits, problem.inputs)
 
+    def result(grads, d_pattern):
+        return (grads, d_pattern) if pattern else grads
+
     if n_rows <= chunk:
         logits, pull = pullback_of(run)
-        return to_vector(pull(jax.grad(loss)(logits)))[0]
+        return result(*pull(jax.grad(loss)(logits)))
 
     n_chunks = math.ceil(n_rows / chunk)
     index = jnp.arange(n_chunks * chunk, dtype=jnp.int32)
@@ -170,16 +208,17 @@ def _jit_split_gradients(problem: Problem, alpha, per_position: bool, per_row: b
     def body(total, chunk_in):
         i, ct = chunk_in
         _, pull = pullback_of(run.rows(i))
-        grads = to_vector(pull(ct))[0]
+        grads, d_pattern = pull(ct)
         if per_row:
-            return total, grads
-        return total + grads.astype(total.dtype), None
+            return total, (grads, d_pattern)
+        return total + grads.astype(total.dtype), (None, d_pattern)
+
+    def rows_of(per_chunk):
+        return per_chunk.reshape((n_chunks * chunk,) + per_chunk.shape[2:])[:n_rows]
 
     total = jnp.zeros(point.shape, jnp.promote_types(point.dtype, jnp.float32))
-    total, per_chunk = lax.scan(body, total, (index, cotangent))
-    if per_row:
-        return per_chunk.reshape((n_chunks * chunk,) + per_chunk.shape[2:])[:n_rows]
-    return total
+    total, (per_chunk, d_pattern) = lax.scan(body, total, (index, cotangent))
+    return result(rows_of(per_chunk) if per_row else total, None if d_pattern is None else rows_of(d_pattern))
 
 
 # --------------------------------------------------------------------------------------------

@@ -57,10 +57,12 @@ from ._gradients import (
     attribution_circuit,
     computation,
     drop_layer_logits,
+    dropped_gradients_and_patterns,
     grad_chunk_size,
     pullback,
     qk_edge_table,
     shares_rows,
+    uniform_alphas,
 )
 from ._problem import Problem
 
@@ -83,22 +85,27 @@ def atp_estimates(
     n_rows, n_pos = problem.run.tokens.shape
     drops = np.arange(-1, cfg.n_layers if graddrop else 0, dtype=np.int32)
     n_points = len(drops)
-    pattern = None
-    if qk_fix:
-        pattern = jnp.zeros((n_points * n_rows, cfg.n_layers, cfg.n_heads, 1, n_pos, n_pos), dtype)
-    _, grad_gates, grad_pattern = pullback(
-        problem,
-        drop_layer_logits,
-        n_points=n_points,
-        weights=jnp.ones(n_points),
-        aux={"gates": graph.gates(1.0, dtype), "drop": jnp.asarray(drops), "shared_rows": shares_rows(graph, graph.gates(1.0, dtype))},
-        shared=jnp.zeros((n_points, graph.n_gates), dtype),
-        per_config=pattern,
-        chunk_size=chunk_size,
-    )
+    ones = graph.gates(1.0, dtype)
+    if uniform_alphas(graph, ones[None]) is not None:  # one residual stream per drop: the plain model's cost
+        grad_gates, d_pattern = dropped_gradients_and_patterns(problem, drops, pattern=qk_fix, chunk_size=chunk_size)
+    else:  # internal edges at 1 (e.g. with a ghost) keep the gated forward
+        pattern = None
+        if qk_fix:
+            pattern = jnp.zeros((n_points * n_rows, cfg.n_layers, cfg.n_heads, 1, n_pos, n_pos), dtype)
+        _, grad_gates, grad_pattern = pullback(
+            problem,
+            drop_layer_logits,
+            n_points=n_points,
+            weights=jnp.ones(n_points),
+            aux={"gates": ones, "drop": jnp.asarray(drops), "shared_rows": shares_rows(graph, ones)},
+            shared=jnp.zeros((n_points, graph.n_gates), dtype),
+            per_config=pattern,
+            chunk_size=chunk_size,
+        )
+        if qk_fix:
+            d_pattern = grad_pattern.reshape((n_points, n_rows) + grad_pattern.shape[1:])[:, :, :, :, 0]
     estimates = -np.asarray(grad_gates, np.float64)
     if qk_fix:
-        d_pattern = grad_pattern.reshape((n_points, n_rows) + grad_pattern.shape[1:])[:, :, :, :, 0]
         if chunk_size is None:
             chunk_size = grad_chunk_size(problem, n_rows)
         exact = np.asarray(_jit_qk_fix(computation(problem), d_pattern, int(chunk_size)), np.float64)  # [P, L, H, 2, S+1]

@@ -99,6 +99,8 @@ def split_pullback(
     positions: Array | None = None,
     per_position: bool = False,
     per_row: bool = False,
+    pattern: bool = False,
+    drop_layer: int | Array = -1,
 ):
     """The logits at every gate ``alpha`` (None: the plain model, exactly) and a function from a
     cotangent of those logits to the cotangent of the dense gates (``DenseGates`` of
@@ -107,16 +109,19 @@ def split_pullback(
     ``per_position``: the gates have a destination-position axis (``[L, P, n_in, S]``, ...).
     ``per_row``: one gradient per prompt, on a leading batch axis. Entries for sources a
     destination cannot read (later ones) are not zero; the graph's layout drops them
-    (``Graph.dense`` places gates on edges only).
+    (``Graph.dense`` places gates on edges only). ``pattern``: the function also returns
+    ``d loss / d pattern`` ``[n_layers, n_heads, batch, q, k]`` (AtP*'s QK fix). ``drop_layer``: no
+    gradient through what that layer writes (GradDrop; -1: none), as the gated forward's probe.
     """
     cfg = model.config
     batch, n_pos = tokens.shape
     mixture = None if alpha is None else Mixture(jnp.asarray(alpha, model.dtype), ablation)
 
     def run(probes):
-        return _residual_forward(model, tokens, positions, None, True, probes, mixture)
+        return _residual_forward(model, tokens, positions, None, True, probes, mixture, drop_layer)
 
-    logits, vjp, collected = jax.vjp(run, SplitProbes.zeros(cfg, batch, n_pos, model.dtype), has_aux=True)
+    zeros = SplitProbes.zeros(cfg, batch, n_pos, model.dtype, pattern=pattern)
+    logits, vjp, collected = jax.vjp(run, zeros, has_aux=True)
     deltas = collected.values - ablation.values
     spec = "nbpd,sbpd->" + ("b" if per_row else "") + ("p" if per_position else "") + "ns"
     S = cfg.n_sources
@@ -133,7 +138,7 @@ def split_pullback(
                           precision=model.precision)
         return lax.optimization_barrier(flat).T
 
-    def pull(cotangent) -> DenseGates:
+    def pull(cotangent) -> DenseGates | tuple[DenseGates, Array]:
         (d,) = vjp(cotangent)
 
         def one(layer):
@@ -150,6 +155,7 @@ def split_pullback(
         final = contract(d.final[None])[..., 0, :]
         if per_row:  # the batch axis first, as one DenseGates per prompt
             attn, mlp = jnp.moveaxis(attn, 1, 0), None if mlp is None else jnp.moveaxis(mlp, 1, 0)
-        return DenseGates(attn=attn, mlp=mlp, logits=final)
+        gates = DenseGates(attn=attn, mlp=mlp, logits=final)
+        return (gates, d.pattern) if pattern else gates
 
     return logits, pull

@@ -560,20 +560,23 @@ class SplitProbes(NamedTuple):
     (``split_gate_gradients``): ``q``/``k``/``v`` ``[n_layers, n_heads, batch, pos, d_head]`` are
     added to each head's projected queries, keys and values (per query head, before q/k norms and
     rotation), ``mlp`` ``[n_layers, batch, pos, d_model]`` to each MLP's input residual (before its
-    norm), ``final`` ``[batch, pos, d_model]`` to the unembedding's input."""
+    norm), ``final`` ``[batch, pos, d_model]`` to the unembedding's input; ``pattern`` (optional)
+    ``[n_layers, n_heads, batch, pos, pos]`` to every head's attention probabilities."""
 
     q: Array
     k: Array
     v: Array
     mlp: Array | None
     final: Array
+    pattern: Array | None = None
 
     @classmethod
-    def zeros(cls, cfg: TransformerConfig, batch: int, n_pos: int, dtype) -> "SplitProbes":
+    def zeros(cls, cfg: TransformerConfig, batch: int, n_pos: int, dtype, pattern: bool = False) -> "SplitProbes":
         heads = jnp.zeros((cfg.n_layers, cfg.n_heads, batch, n_pos, cfg.d_head), dtype)
         residual = jnp.zeros((batch, n_pos, cfg.d_model), dtype)
         mlp = jnp.broadcast_to(residual, (cfg.n_layers,) + residual.shape) if cfg.has_mlp else None
-        return cls(q=heads, k=heads, v=heads, mlp=mlp, final=residual)
+        probs = jnp.zeros((cfg.n_layers, cfg.n_heads, batch, n_pos, n_pos), dtype) if pattern else None
+        return cls(q=heads, k=heads, v=heads, mlp=mlp, final=residual, pattern=probs)
 
 
 class Mixture(NamedTuple):
@@ -598,10 +601,11 @@ class Collected(NamedTuple):
 
 
 def _residual_forward(model, tokens, positions, pos_ids, collect: bool, probes: SplitProbes | None = None,
-                      mixture: Mixture | None = None):
+                      mixture: Mixture | None = None, drop_layer: int | Array = -1):
     """The one-residual forward: the plain model, or with ``mixture`` every gate at one value; with
-    ``probes`` the offsets of ``SplitProbes`` are added (zero in value). Returns the logits and,
-    with ``collect`` (implied by probes or a mixture), ``Collected``."""
+    ``probes`` the offsets of ``SplitProbes`` are added (zero in value). ``drop_layer``: no gradient
+    flows through what that layer writes into the residual (GradDrop; -1: none). Returns the logits
+    and, with ``collect`` (implied by probes or a mixture), ``Collected``."""
     cfg = model.config
     precision = model.precision
     H = cfg.n_heads
@@ -625,7 +629,8 @@ def _residual_forward(model, tokens, positions, pos_ids, collect: bool, probes: 
     def layer_step(x, inputs):
         block, layer, probe = inputs
         offsets = None if probes is None else (probe.q, probe.k, probe.v)
-        z = _attention(cfg, block, layer, x, x, x, precision, rot=rot, qkv_offsets=offsets)
+        pattern = None if probes is None else probe.pattern
+        z = _attention(cfg, block, layer, x, x, x, precision, pattern, rot=rot, qkv_offsets=offsets)
         x_before = x
         first = 1 + layer * (H + int(cfg.has_mlp))
         # the residual gets the attention output as the model computes it (summed, then normed);
@@ -633,13 +638,15 @@ def _residual_forward(model, tokens, positions, pos_ids, collect: bool, probes: 
         if mixture is not None:
             results = _heads_gathered(model, jnp.einsum("hbqe,hed->hbqd", z, block.attn.W_O, precision=precision))
             sources = _head_sources(cfg, block, results)
-            x = x + written(sources, first, H)
+            update = written(sources, first, H)
             if block.attn.b_O is not None:  # as Ablation.from_values writes it into the base
-                x = x + _lead(block.attn.b_O, 3)
+                update = update + _lead(block.attn.b_O, 3)
+            x = x + _dropped(update, layer, drop_layer)
         else:
             # the heads' sum as its own contraction: XLA's CPU sum over the leading (head) axis of the
             # per-head outputs costs six times the projection
-            x = x + _attention_output(cfg, block, jnp.einsum("hbqe,hed->bqd", z, block.attn.W_O, precision=precision))
+            update = _attention_output(cfg, block, jnp.einsum("hbqe,hed->bqd", z, block.attn.W_O, precision=precision))
+            x = x + _dropped(update, layer, drop_layer)
             if collect:
                 results = _heads_gathered(model, jnp.einsum("hbqe,hed->hbqd", z, block.attn.W_O, precision=precision))
                 sources = _head_sources(cfg, block, results)
@@ -648,7 +655,7 @@ def _residual_forward(model, tokens, positions, pos_ids, collect: bool, probes: 
         if cfg.has_mlp:
             mlp_in = x_before if cfg.parallel else x  # parallel: the same residual as the heads
             m = _mlp(cfg, block, mlp_in if probes is None else mlp_in + probe.mlp, precision)
-            x = x + (m if mixture is None else written(m[None], first + H, 1))
+            x = x + _dropped(m if mixture is None else written(m[None], first + H, 1), layer, drop_layer)
             if collect:
                 outs.append(m[None])
         per_layer = jnp.concatenate(outs, axis=0) if collect else None
