@@ -60,11 +60,20 @@ def test_remat_needs_a_static_start_layer():
                       start_layer=jnp.int32(0), remat=True)
 
 
-def test_methods_give_the_same_scores_with_remat():
+def test_methods_give_the_same_scores_with_remat(monkeypatch):
+    from acdc_jax.methods import atp_star as atp_module
+    from acdc_jax.methods.eap import gate_gradients
     with jax.enable_x64(True):
-        problem = _problem(DEEP)  # EAP-IG: the chunked pullback every gradient method shares
-        plain = aj.eap_ig(problem.with_remat(False), steps=2, chunk_size=4).scores
-        remat = aj.eap_ig(problem.with_remat(True), steps=2, chunk_size=4).scores
+        problem = _problem(DEEP)
+        # gradients at points that are not uniform: the chunked gated pullback every gradient method shares
+        points = np.random.RandomState(0).uniform(size=(2, problem.graph.n_gates))
+        plain = gate_gradients(problem.with_remat(False), points, chunk_size=4)
+        remat = gate_gradients(problem.with_remat(True), points, chunk_size=4)
+        np.testing.assert_allclose(remat, plain, rtol=0, atol=1e-12 * np.abs(plain).max())
+        # AtP* on the gated forward: GradDrop's layer is vmapped over points, pattern probes per config
+        monkeypatch.setattr(atp_module, "uniform_alphas", lambda graph, points: None)
+        plain = atp_module.atp_estimates(problem.with_remat(False), chunk_size=4)
+        remat = atp_module.atp_estimates(problem.with_remat(True), chunk_size=4)
         np.testing.assert_allclose(remat, plain, rtol=0, atol=1e-12 * np.abs(plain).max())
 
 

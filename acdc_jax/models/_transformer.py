@@ -969,6 +969,10 @@ def gated_forward(
     read = "pds,sbpm->dbpm" if per_position else "ds,sbpm->dbpm"
     read_one = "ps,sbpm->bpm" if per_position else "s,sbpm->bpm"
     probes = probes or Probes()
+    if remat and not isinstance(probes.drop_layer, int):
+        # as a float: jax.closure_convert (``_remat_layers``) hoists floating-point tracers only,
+        # and an integer one closed over by the recomputed layers would escape its trace
+        probes = probes._replace(drop_layer=jnp.asarray(probes.drop_layer, deltas.dtype))
     ghost = None if probes.ghost is None else jax.tree.map(lambda g: g.astype(deltas.dtype), probes.ghost)
 
     if reads not in ("dense", "shared", "single"):
