@@ -23,7 +23,6 @@ chunks go.
 from __future__ import annotations
 
 import functools
-import math
 import time
 from collections.abc import Callable
 
@@ -111,8 +110,8 @@ def split_backward_bytes(problem: Problem, pattern: bool = False) -> int:
     """Rough peak memory of ``uniform_gate_gradients`` per prompt: the plain backward's residuals
     (a layer's work per layer), every source's value, and one layer's input cotangents; with
     ``pattern`` every head's pattern gradient too."""
-    cfg, run = problem.model.config, problem.run
-    n_rows, n_pos = run.tokens.shape
+    cfg = problem.model.config
+    n_pos = problem.run.tokens.shape[1]
     itemsize = jnp.dtype(problem.model.dtype).itemsize
     one_layer = activation_bytes(cfg, 8, 1, n_pos, itemsize) - cfg.n_sources * n_pos * cfg.d_model * itemsize
     patterns = 2 * cfg.n_layers * cfg.n_heads * n_pos * n_pos * itemsize if pattern else 0
@@ -127,12 +126,12 @@ def uniform_gate_gradients(problem: Problem, alphas, *, per_position: bool = Fal
     point (``models.split_pullback``): ``[n_points, (n_rows,) (n_pos,) n_gates]``. Prompts are
     chunked as in ``pullback`` (exact for any metric: the cotangent of the logits is taken on the
     whole batch)."""
-    chunk_size = _split_chunk(problem, chunk_size)
+    chunk = _split_chunk(problem, chunk_size)
     out = []
     for alpha in np.asarray(alphas, np.float64):
         value = None if alpha == 1.0 else jnp.asarray(alpha, problem.model.dtype)  # 1: the plain model itself
-        out.append(np.asarray(_jit_split_gradients(computation(problem), value, per_position, per_row,
-                                                   int(chunk_size)), np.float64))
+        out.append(np.asarray(_jit_split_gradients(computation(problem), value, per_position, per_row, chunk),
+                              np.float64))
     return np.stack(out)
 
 
@@ -146,9 +145,8 @@ def _split_chunk(problem: Problem, chunk_size: int | None, pattern: bool = False
 def dropped_gradients_and_patterns(problem: Problem, drops, *, pattern: bool = True, chunk_size: int | None = None):
     """At all gates 1, for each GradDrop layer of ``drops`` (-1: none): ``d loss / d gates``
     ``[n_drops, n_gates]`` and (``pattern``, else None) ``d loss / d pattern`` ``[n_drops, n_prompts,
-    L, H, q, k]``, from one
-    residual stream per drop (``models.split_pullback``), as the gated forward's probes give them
-    (``drop_layer_logits``). One compilation for every drop."""
+    L, H, q, k]``, from one residual stream per drop (``models.split_pullback``), as the gated
+    forward's probes give them (``drop_layer_logits``). One compilation for every drop."""
     chunk = _split_chunk(problem, chunk_size, pattern=pattern)
     grads, patterns = [], []
     for drop in np.asarray(drops, np.int32):
@@ -195,15 +193,11 @@ def _jit_split_gradients(problem: Problem, alpha, per_position: bool, per_row: b
         logits, pull = pullback_of(run)
         return result(*pull(jax.grad(loss)(logits)))
 
-    n_chunks = math.ceil(n_rows / chunk)
-    index = jnp.arange(n_chunks * chunk, dtype=jnp.int32)
-    real = index < n_rows
-    index = jnp.where(real, index, 0).reshape(n_chunks, chunk)
-    logits = lax.map(lambda i: pullback_of(run.rows(i))[0], index)
-    logits = logits.reshape((n_chunks * chunk,) + logits.shape[2:])[:n_rows]
-    cotangent = jax.grad(loss)(logits)
-    cotangent = jnp.concatenate([cotangent, jnp.zeros((n_chunks * chunk - n_rows,) + cotangent.shape[1:],
-                                                      cotangent.dtype)]).reshape((n_chunks, chunk) + cotangent.shape[1:])
+    # pass 1: the logits chunk by chunk, the cotangent on the whole batch; pass 2: pull each chunk's
+    # cotangent back (padding rows repeat row 0 and carry a zero cotangent)
+    index = _to_chunks(jnp.arange(n_rows, dtype=jnp.int32), chunk, False)
+    logits = _from_chunks(lax.map(lambda i: pullback_of(run.rows(i))[0], index), n_rows)
+    cotangent = _to_chunks(jax.grad(loss)(logits), chunk, True)
 
     def body(total, chunk_in):
         i, ct = chunk_in
@@ -213,12 +207,10 @@ def _jit_split_gradients(problem: Problem, alpha, per_position: bool, per_row: b
             return total, (grads, d_pattern)
         return total + grads.astype(total.dtype), (None, d_pattern)
 
-    def rows_of(per_chunk):
-        return per_chunk.reshape((n_chunks * chunk,) + per_chunk.shape[2:])[:n_rows]
-
     total = jnp.zeros(point.shape, jnp.promote_types(point.dtype, jnp.float32))
     total, (per_chunk, d_pattern) = lax.scan(body, total, (index, cotangent))
-    return result(rows_of(per_chunk) if per_row else total, None if d_pattern is None else rows_of(d_pattern))
+    return result(_from_chunks(per_chunk, n_rows) if per_row else total,
+                  None if d_pattern is None else _from_chunks(d_pattern, n_rows))
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,20 +316,11 @@ def _jit_pullback(problem, logits_fn, aux, shared, per_config, rows, points, wei
     cotangent, losses = jax.grad(lambda lg: _weighted_losses(problem, lg, weights, n_points), has_aux=True)(logits)
 
     # pass 2: pull each chunk's cotangent back; padding configurations carry a zero cotangent
-    n_chunks = math.ceil(n_configs / chunk)
-    pad = n_chunks * chunk - n_configs
-
-    def to_chunks(x, fill_zero):
-        if pad:
-            filler = jnp.zeros_like(x[:1]) if fill_zero else x[:1]
-            x = jnp.concatenate([x, jnp.repeat(filler, pad, axis=0)], axis=0)
-        return x.reshape((n_chunks, chunk) + x.shape[1:])
-
     xs = (
-        to_chunks(rows, False),
-        to_chunks(points, False),
-        to_chunks(cotangent, True),
-        jax.tree.map(lambda x: to_chunks(x, True), per_config),
+        _to_chunks(rows, chunk, False),
+        _to_chunks(points, chunk, False),
+        _to_chunks(cotangent, chunk, True),
+        jax.tree.map(lambda x: _to_chunks(x, chunk, True), per_config),
     )
 
     def body(total, x):
@@ -349,8 +332,22 @@ def _jit_pullback(problem, logits_fn, aux, shared, per_config, rows, points, wei
     # the sum over chunks in at least float32: bf16 runs would otherwise round every partial sum
     total = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), shared)
     g_shared, g_config = lax.scan(body, total, xs)
-    g_config = jax.tree.map(lambda y: y.reshape((n_chunks * chunk,) + y.shape[2:])[:n_configs], g_config)
+    g_config = jax.tree.map(lambda y: _from_chunks(y, n_configs), g_config)
     return losses, g_shared, g_config
+
+
+def _to_chunks(x: Array, chunk: int, fill_zero: bool) -> Array:
+    """``[n, ...] -> [ceil(n / chunk), chunk, ...]``, padded with zeros or with copies of ``x[0]``."""
+    pad = -x.shape[0] % chunk
+    if pad:
+        filler = jnp.zeros_like(x[:1]) if fill_zero else x[:1]
+        x = jnp.concatenate([x, jnp.repeat(filler, pad, axis=0)], axis=0)
+    return x.reshape((-1, chunk) + x.shape[1:])
+
+
+def _from_chunks(y: Array, n: int) -> Array:
+    """The inverse of ``_to_chunks``: ``[n_chunks, chunk, ...] -> [n, ...]``, padding dropped."""
+    return y.reshape((-1,) + y.shape[2:])[:n]
 
 
 # --------------------------------------------------------------------------------------------

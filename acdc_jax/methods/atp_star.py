@@ -88,7 +88,7 @@ def atp_estimates(
     ones = graph.gates(1.0, dtype)
     if uniform_alphas(graph, ones[None]) is not None:  # one residual stream per drop: the plain model's cost
         grad_gates, d_pattern = dropped_gradients_and_patterns(problem, drops, pattern=qk_fix, chunk_size=chunk_size)
-    else:  # internal edges at 1 (e.g. with a ghost) keep the gated forward
+    else:  # a graph whose inputs do not read every earlier source at gates 1 keeps the gated forward
         pattern = None
         if qk_fix:
             pattern = jnp.zeros((n_points * n_rows, cfg.n_layers, cfg.n_heads, 1, n_pos, n_pos), dtype)

@@ -557,7 +557,7 @@ def attention_patterns(
 
 class SplitProbes(NamedTuple):
     """Zero offsets on the plain forward whose gradients give every destination input's cotangent
-    (``split_gate_gradients``): ``q``/``k``/``v`` ``[n_layers, n_heads, batch, pos, d_head]`` are
+    (``models._split.split_pullback``): ``q``/``k``/``v`` ``[n_layers, n_heads, batch, pos, d_head]`` are
     added to each head's projected queries, keys and values (per query head, before q/k norms and
     rotation), ``mlp`` ``[n_layers, batch, pos, d_model]`` to each MLP's input residual (before its
     norm), ``final`` ``[batch, pos, d_model]`` to the unembedding's input; ``pattern`` (optional)
@@ -590,14 +590,12 @@ class Mixture(NamedTuple):
 
 
 class Collected(NamedTuple):
-    """What ``_residual_forward`` collects beside the logits: every source's value in this run
-    ``[n_sources, batch, pos, d_model]``, and (with a ``Mixture`` or probes) each layer's attention
-    input and MLP input ``[n_layers, batch, pos, d_model]`` and the unembedding's input."""
+    """What ``_residual_forward`` collects beside the logits with a ``Mixture`` or probes: every
+    source's value in this run ``[n_sources, batch, pos, d_model]`` and each layer's attention input
+    ``[n_layers, batch, pos, d_model]`` (where its norm's vjp is taken)."""
 
     values: Array
-    attn_in: Array | None = None
-    mlp_in: Array | None = None
-    final_in: Array | None = None
+    attn_in: Array
 
 
 def _residual_forward(model, tokens, positions, pos_ids, collect: bool, probes: SplitProbes | None = None,
@@ -620,9 +618,7 @@ def _residual_forward(model, tokens, positions, pos_ids, collect: bool, probes: 
         x = ablated[0] + alpha * (embed_out - ablated[0])
 
     def written(values, first, n):
-        """What sources ``first .. first + n - 1`` write into the residual (summed)."""
-        if mixture is None:
-            return values.sum(0)
+        """What sources ``first .. first + n - 1`` write into the residual at the mixture (summed)."""
         before = lax.dynamic_slice_in_dim(ablated, first, n, axis=0)
         return (before + alpha * (values - before)).sum(0)
 
@@ -651,7 +647,6 @@ def _residual_forward(model, tokens, positions, pos_ids, collect: bool, probes: 
                 results = _heads_gathered(model, jnp.einsum("hbqe,hed->hbqd", z, block.attn.W_O, precision=precision))
                 sources = _head_sources(cfg, block, results)
         outs = [sources] if collect else []
-        mlp_in = None
         if cfg.has_mlp:
             mlp_in = x_before if cfg.parallel else x  # parallel: the same residual as the heads
             m = _mlp(cfg, block, mlp_in if probes is None else mlp_in + probe.mlp, precision)
@@ -659,20 +654,19 @@ def _residual_forward(model, tokens, positions, pos_ids, collect: bool, probes: 
             if collect:
                 outs.append(m[None])
         per_layer = jnp.concatenate(outs, axis=0) if collect else None
-        return x, (per_layer, x_before, mlp_in) if inputs_too else per_layer
+        return x, (per_layer, x_before) if inputs_too else per_layer
 
     layer_probes = None if probes is None else probes._replace(final=None)
     x, per_layer = lax.scan(layer_step, x, (model.blocks, jnp.arange(cfg.n_layers), layer_probes))
-    final_in = x
     logits = _unembed(model, x if probes is None else x + probes.final, positions)
     if not collect:
         return logits, None
     if inputs_too:
-        per_layer, attn_in, mlp_in = per_layer
+        per_layer, attn_in = per_layer
     values = jnp.concatenate([embed_out[None], per_layer.reshape((-1,) + per_layer.shape[2:])], axis=0)
     if not inputs_too:
         return logits, values
-    return logits, Collected(values, attn_in, mlp_in, final_in)
+    return logits, Collected(values, attn_in)
 
 
 # --------------------------------------------------------------------------------------------
