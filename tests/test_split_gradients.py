@@ -99,3 +99,18 @@ def test_atp_star_from_the_split_path_equals_the_gated_probes(monkeypatch):
         gated = atp_module.atp_estimates(problem, chunk_size=2)
     assert split.shape == (1 + ALL_FEATURES.n_layers, problem.graph.n_gates) and np.abs(gated).max() > 1e-3
     np.testing.assert_allclose(split, gated, rtol=0, atol=1e-12 * np.abs(gated).max())
+
+
+def test_per_prompt_gradients_from_the_split_path_equal_the_gated_ones(monkeypatch):
+    """HISP's per-prompt shares (``per_row``), chunked, on the model with every switch on: the split
+    path gives what the gated forward's per-configuration pullback gives."""
+    from acdc_jax.methods import hisp as hisp_module
+    with jax.enable_x64(True):
+        problem = _problem(DEEP, jnp.float64)
+        ones = problem.graph.gates(1.0, jnp.float64)
+        split = hisp_module.per_prompt_gate_gradients(problem, ones, chunk_size=2)
+        monkeypatch.setattr(hisp_module, "uniform_alphas", lambda graph, points: None)  # force the gated forward
+        gated = hisp_module.per_prompt_gate_gradients(problem, ones, chunk_size=2)
+    assert split.shape == (problem.run.tokens.shape[0], problem.graph.n_gates) and np.abs(gated).max() > 1e-3
+    assert np.abs(gated[0] - gated[1]).max() > 1e-3  # the prompts' shares differ
+    np.testing.assert_allclose(split, gated, rtol=0, atol=1e-12 * np.abs(gated).max())
