@@ -7,6 +7,12 @@ for one input per head, ``--level node`` for node gates) and a corrupted
 ablation cache, which is what every patching method evaluates; the ratio gated/ungated is the
 price of having a gate on every edge. The arithmetic of each (counted analytically) gives the
 floor of that ratio and the FLOP rate each reaches.
+
+At gates 1 every layer of an edge graph reads the run's carried residual instead of the difference
+buffer (``gated_forward``); a layer with a pruned input reads the buffer. So the script also times
+the worst case for that shortcut (``pruned_*``): one edge into every destination (each layer's
+first attention input, each MLP, the logits) at 0, so that every layer reads the buffer. Node
+gates never read the buffer, whatever their values.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 
 import equinox as eqx
 import jax
+import numpy as np
 
 import acdc_jax as aj
 from acdc_jax.models import TransformerConfig, forward
@@ -41,6 +48,20 @@ def analytic_mflop_per_token(cfg: TransformerConfig, graph: aj.Graph, pos: int) 
     return ungated / 1e6, gated / 1e6
 
 
+def pruned_everywhere(graph: aj.Graph):
+    """Gates 1 except one edge into every destination at 0: the first edge into each layer's first
+    attention input, into each MLP and into the logits (every layer then reads the buffer)."""
+    gates = np.ones(graph.n_gates, np.float32)
+    seen = set()
+    for i, edge in enumerate(graph.edges):
+        dst = edge.split("->")[1]
+        key = dst if not dst.startswith("a") else dst.split(".")[0]
+        if key not in seen:
+            seen.add(key)
+            gates[i] = 0.0
+    return gates
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="gpt2")
@@ -64,6 +85,7 @@ def main(argv=None):
     ungated = eqx.filter_jit(forward)
     t_plain = timed(ungated, model, run.tokens, repeats=args.repeats)
     t_gated = timed(run, gates, repeats=args.repeats)
+    t_pruned = timed(run, pruned_everywhere(graph), repeats=args.repeats) if graph.level == "edge" else None
     tokens = args.batch * args.pos
     mflop_plain, mflop_gated = analytic_mflop_per_token(cfg, graph, args.pos)
     results = {
@@ -80,6 +102,8 @@ def main(argv=None):
         "ungated_gflop_per_s": mflop_plain * tokens / t_plain["steady_s"] / 1e3,
         "gated_gflop_per_s": mflop_gated * tokens / t_gated["steady_s"] / 1e3,
     }
+    if t_pruned is not None:
+        results |= {"pruned_s": t_pruned["steady_s"], "pruned_over_ungated": t_pruned["steady_s"] / t_plain["steady_s"]}
     settings = {"model": args.size, "batch": args.batch, "pos": args.pos, "graph": graph.describe().split(" (")[0], "n_gates": graph.n_gates,
                 "dtype": args.dtype}
     entry = record("forward_throughput", settings, results)

@@ -107,13 +107,18 @@ def test_gates_interpolate_linearly_where_the_model_is_linear():
 
 
 def test_node_gates_equal_their_expanded_edge_gates(tiny_model):
-    run_node, clean, _ = _run(tiny_model, "node")
-    run_edge = aj.GatedRun(tiny_model, aj.Graph.from_model(tiny_model), clean, run_node.ablation)
-    node_gates = np.random.RandomState(5).uniform(size=run_node.graph.n_gates)
-    edge_gates = np.array(
-        [node_gates[run_node.graph.index(src)] for src, _ in map(aj.Graph.split_edge, run_edge.graph.edges)]
-    )
-    np.testing.assert_allclose(run_node(node_gates), run_edge(edge_gates), atol=1e-6, rtol=0)
+    """Node gates (one residual carried through the layers) against the same gates on every edge
+    (the difference buffer, read per input), in float64: the two sum in different orders."""
+    with jax.enable_x64(True):
+        model = tiny_model.astype(jnp.float64)
+        run_node, clean, _ = _run(model, "node")
+        run_edge = aj.GatedRun(model, aj.Graph.from_model(model), clean, run_node.ablation)
+        node_gates = np.random.RandomState(5).uniform(size=run_node.graph.n_gates)
+        edge_gates = np.array(
+            [node_gates[run_node.graph.index(src)] for src, _ in map(aj.Graph.split_edge, run_edge.graph.edges)]
+        )
+        expected = np.asarray(run_edge(edge_gates))
+        np.testing.assert_allclose(run_node(node_gates), expected, atol=1e-12 * np.abs(expected).max(), rtol=0)
 
 
 @pytest.mark.parametrize("graph_kind", ["qkv", "node"])
@@ -168,16 +173,28 @@ def test_changing_gate_values_does_not_retrace(tiny_model):
     metric(run, jax.random.uniform(jax.random.PRNGKey(0), (run.graph.n_gates,)))
 
 
-def test_resuming_from_a_layer_with_clean_prefix_equals_full_run(tiny_model):
-    """ACDC's shortcut: with every gate below layer l at 1, running from l on clean deltas is exact."""
-    run, _, _ = _run(tiny_model)
+@pytest.mark.parametrize("graph_kind", ["qkv", "node"])
+def test_resuming_from_a_layer_with_clean_prefix_equals_full_run(tiny_model, graph_kind):
+    """ACDC's shortcut: with every gate below layer l at 1, running from l on clean deltas is exact
+    (node gates resume their carried residual from one read of the differences)."""
+    run, _, _ = _run(tiny_model, graph_kind)
     graph = run.graph
-    layers = graph.edge_layers()
+    layers = graph.edge_layers() if graph.level == "edge" else np.array([_node_layer(graph, n) for n in graph.nodes])
     deltas = run.clean_deltas()
     resume = eqx.filter_jit(aj.GatedRun.logits_from)  # one compilation: the start layer is traced
     for start in range(tiny_model.config.n_layers + 1):
         gates = jnp.where(layers >= start, jax.random.uniform(jax.random.PRNGKey(start), (graph.n_gates,)), 1.0)
         np.testing.assert_allclose(resume(run, jnp.int32(start), deltas, gates), run(gates), atol=2e-6, rtol=0)
+        np.testing.assert_allclose(run.logits_from(start, deltas, gates), run(gates), atol=2e-6, rtol=0)
+
+
+def _node_layer(graph, node):
+    """The first layer whose inputs a node's gate changes: embed 0, a{l}.h l (its layer's MLP reads
+    it), mlp{l} l + 1."""
+    if node == "embed":
+        return 0
+    layer = int(node.split(".")[0].lstrip("amlp"))
+    return layer + 1 if node.startswith("mlp") else layer
 
 
 def test_sources_sum_to_the_residual_stream(tiny_model):
@@ -232,13 +249,83 @@ def test_the_last_layer_at_the_read_positions_equals_the_full_run_there(name):
             run = aj.GatedRun(model, graph, clean, ablation, positions)
             np.testing.assert_allclose(run(gates), full, rtol=1e-12, atol=1e-12 * np.abs(full).max())
         # ACDC's resumed runs: a traced start layer, layers below it on the clean differences
-        graph_q = aj.Graph.from_model(model, **GRAPHS["qkv"])
-        layers = graph_q.edge_layers()
-        run = aj.GatedRun(model, graph_q, clean, ablation, positions)
-        resume = eqx.filter_jit(aj.GatedRun.logits_from)
-        for start in range(model.config.n_layers + 1):
-            later = jnp.where(layers >= start, jnp.asarray(np.random.RandomState(start).uniform(size=layers.shape)), 1.0)
-            expected = np.take_along_axis(np.asarray(aj.GatedRun(model, graph_q, clean, ablation)(later)),
-                                          np.asarray(positions)[:, :, None], 1)
-            got = resume(run, jnp.int32(start), run.clean_deltas(), later)
-            np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12 * np.abs(expected).max())
+        for kind in ("qkv", "node"):
+            graph = aj.Graph.from_model(model, **GRAPHS[kind])
+            layers = (graph.edge_layers() if kind == "qkv"
+                      else np.array([_node_layer(graph, node) for node in graph.nodes]))
+            run = aj.GatedRun(model, graph, clean, ablation, positions)
+            resume = eqx.filter_jit(aj.GatedRun.logits_from)
+            for start in range(model.config.n_layers + 1):
+                later = jnp.where(layers >= start, jnp.asarray(np.random.RandomState(start).uniform(size=layers.shape)), 1.0)
+                expected = np.take_along_axis(np.asarray(aj.GatedRun(model, graph, clean, ablation)(later)),
+                                              np.asarray(positions)[:, :, None], 1)
+                got = resume(run, jnp.int32(start), run.clean_deltas(), later)
+                np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12 * np.abs(expected).max())
+
+
+def _clean_into(graph, gates, destinations):
+    """``gates`` with every edge into these destinations at 1 (nodes ``a{l}.h.q|k|v``, ``a{l}.h``,
+    ``mlp{l}``, ``logits``, matched on the edge's destination prefix)."""
+    gates = np.array(gates)
+    for i, edge in enumerate(graph.edges):
+        if any(edge.split("->")[1] == d or edge.split("->")[1].startswith(d + ".") for d in destinations):
+            gates[i] = 1.0
+    return gates
+
+
+@pytest.mark.parametrize("name", ["gpt2-like", "attn-only", *sorted(TRIM_CONFIGS)])
+def test_layers_reading_every_source_at_one_read_the_carried_residual_exactly(name):
+    """A layer whose inputs all read every earlier source at 1 reads the run's carried residual
+    instead of the difference buffer (and so does an MLP, or the unembedding, whose row is all 1).
+    At gates mixing such layers with pruned ones: the reference's logits (every read position, and
+    the last layer trimmed to a few positions), the same per configuration in a vmapped batch that
+    mixes configurations with and without such layers, and gradients equal to central differences
+    at gates 1 and at the mixed gates (differentiated runs read the buffer), in float64."""
+    with jax.enable_x64(True):
+        model = aj.init_model({**TINY_CONFIGS, **TRIM_CONFIGS}[name], jax.random.PRNGKey(0), std=0.5)
+        model = jax.tree.map(lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, model)
+        cfg = model.config
+        clean, corrupt = _tokens(model), _tokens(model, seed=1)
+        ablation = aj.corrupt_ablation(model, corrupt)
+        positions = jnp.asarray([[clean.shape[1] - 1], [2], [0]])
+        for kind in ("qkv", "head") if name == "gpt2-like" else ("qkv",):
+            graph = aj.Graph.from_model(model, **GRAPHS[kind])
+            rng = np.random.RandomState(1)
+            random = rng.uniform(size=graph.n_gates)
+            mlp = ["mlp0"] if cfg.has_mlp else []
+            configs = {
+                "layer 0 and the logits clean": _clean_into(graph, random, ["a0", "logits"]),
+                "a pruned layer 0, the rest clean": _clean_into(graph, random, [f"a{l}" for l in range(1, cfg.n_layers)]
+                                                                + [f"mlp{l}" for l in range(cfg.n_layers) if cfg.has_mlp]
+                                                                + ["logits"]),
+                "only an MLP clean": _clean_into(graph, random, mlp),
+                "all clean": np.ones(graph.n_gates),
+            }
+            run = aj.GatedRun(model, graph, clean, ablation)
+            trimmed = aj.GatedRun(model, graph, clean, ablation, positions)
+            for what, gates in configs.items():
+                expected = reference.gated_logits(model, graph, clean, gates, ablation.values)
+                scale = np.abs(expected).max()
+                np.testing.assert_allclose(run(gates), expected, rtol=0, atol=1e-12 * scale, err_msg=what)
+                at = np.take_along_axis(expected, np.asarray(positions)[:, :, None], 1)
+                np.testing.assert_allclose(trimmed(gates), at, rtol=0, atol=1e-12 * scale, err_msg=what)
+            stacked = np.stack(list(configs.values()))
+            looped = np.stack([np.asarray(run(g)) for g in stacked])
+            np.testing.assert_allclose(run.batched(stacked), looped, rtol=0, atol=1e-12 * np.abs(looped).max())
+            clean_only = np.stack([configs["all clean"]] * 2)
+            np.testing.assert_allclose(run.batched(clean_only), looped[[-1, -1]], rtol=0, atol=1e-12 * np.abs(looped).max())
+
+            weights = jax.random.normal(jax.random.PRNGKey(2), expected.shape, jnp.float64)
+
+            def f(gates, run=run, weights=weights):
+                return jnp.sum(jnp.tanh(run.logits(gates)) * weights)
+
+            grad, f_jit = jax.jit(jax.grad(f)), jax.jit(f)
+            picks = rng.choice(graph.n_gates, size=min(12, graph.n_gates), replace=False)
+            for what in ("all clean", "a pruned layer 0, the rest clean"):
+                at_gates = jnp.asarray(configs[what])
+                g = grad(at_gates)
+                for i in picks:
+                    step = jnp.zeros_like(at_gates).at[i].set(1e-5)
+                    numeric = (f_jit(at_gates + step) - f_jit(at_gates - step)) / 2e-5
+                    np.testing.assert_allclose(g[i], numeric, rtol=1e-6, atol=1e-9, err_msg=f"{what}: {graph.name(int(i))}")

@@ -882,6 +882,131 @@ def _remat_loop_bwd(bounds, steps, n_consts, rows_per_layer, residuals, ct):
 _remat_loop.defvjp(_remat_loop_fwd, _remat_loop_bwd, symbolic_zeros=True)
 
 
+
+def _weighted_sum(g: Array, x: Array, precision) -> Array:
+    """``sum_s g[(p,) s] * x[s]`` for rows ``x`` ``[n, batch or 1, pos or 1, d_model]`` and gates
+    ``[n]`` or per position ``[pos, n]``."""
+    if g.ndim == 1:
+        return jnp.einsum("s,sbpm->bpm", g, x, precision=precision)
+    if x.shape[2] == 1:  # one value for every position (zero or mean ablation)
+        return jnp.einsum("ps,sbm->bpm", g, x[:, :, 0], precision=precision)
+    return jnp.einsum("ps,sbpm->bpm", g, x, precision=precision)
+
+
+def _node_stream_forward(model: Transformer, g: Array, ablation: Ablation, tokens, *, positions, pos_ids, start_layer,
+                         deltas, pattern_offset, embed_scale, remat: bool) -> Array:
+    """``gated_forward`` for node gates: every destination reads source s with the same gate ``g[s]``
+    (``[n_sources]``, or ``[pos, n_sources]`` per position), so all destinations of a layer read one
+    residual, and that residual is carried from layer to layer as the plain model carries its own::
+
+        R_l = base_attn[l] + sum_{s before layer l} g_s (x_s - x~_s)
+        R_{l+1} = R_l + sum_h (g_h x_h + (1 - g_h) x~_h) + b_O + g_m x_m + (1 - g_m) x~_m
+
+    No difference buffer: the heads' gated sum is one contraction of the gate-scaled ``z`` with
+    ``W_O`` (with a post norm, a second one of the plain ``z`` gives the scale), so a layer costs the
+    plain layer plus a read of its own sources' ablated values. ``deltas``/``start_layer`` resume as
+    in ``gated_forward`` (one read of the earlier sources' differences)."""
+    cfg = model.config
+    precision = model.precision
+    L, H, M = cfg.n_layers, cfg.n_heads, int(cfg.has_mlp)
+    ablated = ablation.values
+    per_position = g.ndim == 2
+
+    def head_scale(gh):  # gates of the layer's heads, shaped to scale z [H, batch, pos, d_head]
+        return gh.T[:, None, :, None] if per_position else gh[:, None, None, None]
+
+    def one_scale(gs):  # one source's gate (a scalar, or [pos]), shaped to scale [batch, pos, d_model]
+        return gs[None, :, None] if per_position else gs
+
+    if deltas is None:
+        x = _embed(model, tokens, pos_ids)
+        g = g.astype(x.dtype)
+        x = ablated[0] + (one_scale(g[..., 0]) * embed_scale) * (x - ablated[0])
+        n_pos = tokens.shape[1]
+    else:
+        g = g.astype(deltas.dtype)
+        n_pos = deltas.shape[2]
+        earlier = jnp.arange(cfg.n_sources) < 1 + jnp.asarray(start_layer) * (H + M)
+        bases = jnp.concatenate([ablation.base_attn, ablation.base_logits[None]], axis=0)
+        x = bases[start_layer] + _weighted_sum(jnp.where(earlier, g, 0), deltas, precision)
+    rot = rotary_tables(cfg, n_pos, pos_ids, x.dtype)
+
+    def heads_and_mlp(layer, block, x, x_kv, values, q_positions=None):
+        """What layer ``layer`` adds to the residual ``x`` (keys and values from ``x_kv``; with
+        ``q_positions``, ``x`` and ``values`` are the residual and the ablated values there)."""
+        first = 1 + layer * (H + M)
+        gs = lax.dynamic_slice_in_dim(g, first, H + M, axis=-1)
+        gh = gs[..., :H]
+        offset = None if pattern_offset is None else pattern_offset[layer]
+        z = _attention(cfg, block, layer, x, x_kv, x_kv, precision, offset, rot, q_positions)
+        W_O = block.attn.W_O
+        gated = jnp.einsum("hbqe,hed->bqd", z * head_scale(gh), W_O, precision=precision)
+        if block.ln1_post is not None:  # the shares' scale comes from the sum of the heads this run computed
+            total = jnp.einsum("hbqe,hed->bqd", z, W_O, precision=precision)
+            gated = _rms_scaled(block.ln1_post, gated, _inverse_rms(total, cfg.ln_eps),
+                                cfg.normalization == "gemma_rms")
+        else:
+            gated = gated + _lead(block.attn.b_O, 3)
+        heads = gated + _weighted_sum(1 - gh, lax.dynamic_slice_in_dim(values, first, H, axis=0), precision)
+        if not M:
+            return heads
+        out = _mlp(cfg, block, x if cfg.parallel else x + heads, precision)
+        ablated_mlp = lax.dynamic_index_in_dim(values, first + H, axis=0, keepdims=False)
+        return heads + ablated_mlp + one_scale(gs[..., H]) * (out - ablated_mlp)
+
+    def layer_step(layer, x):
+        return x + heads_and_mlp(layer, _block_at(model, layer), x, x, ablated)
+
+    if remat:
+        layer_step = jax.checkpoint(layer_step)
+    last = L - 1
+    trim = positions is not None and not per_position and pattern_offset is None and positions.shape[1] < n_pos
+    lower = start_layer if isinstance(start_layer, int) else jnp.clip(start_layer, 0, L)
+    x = lax.fori_loop(lower, last if trim else L, layer_step, x)
+    if not trim:
+        return _unembed(model, x, positions)
+    at = functools.partial(_at_positions, positions=positions)
+
+    def last_layer(x):
+        here = at(x)
+        return here + heads_and_mlp(jnp.int32(last), _block_at(model, last), here, x, at(ablated), q_positions=positions)
+
+    if isinstance(start_layer, int):
+        final = last_layer(x) if start_layer <= last else at(x)
+    else:
+        final = lax.cond(start_layer <= last, last_layer, at, x)
+    return _unembed(model, final, None)
+
+
+@jax.custom_batching.custom_vmap
+def _in_every_configuration(flag: Array) -> Array:
+    """``flag`` itself; under ``vmap``, one flag for the whole batch: whether it holds in every
+    configuration. A ``lax.cond`` on it stays a branch under vmap (a batched predicate would make
+    vmap run both branches) and is exact whenever either branch is, which is what the gated
+    forward's one-residual read needs: it is taken only when every configuration allows it."""
+    return flag
+
+
+@_in_every_configuration.def_vmap
+def _in_every_configuration_vmap(axis_size, in_batched, flag):
+    return (jnp.all(flag) if in_batched[0] else flag), False
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _shortcut(holds, cheap, exact, *args):
+    """``exact(*args)``, computed as ``cheap(*args)`` where ``holds(*args)`` (a concrete flag, in every
+    configuration of a vmapped batch) says the two agree, unless the call is differentiated: then
+    it is ``exact`` itself, in value and derivative (no branch under ``grad``, so the gradients,
+    and the memory of the backward pass, are exact's). The gated forward reads its carried clean
+    residual instead of the difference buffer with this (``gated_forward``)."""
+    return lax.cond(_in_every_configuration(holds(*args)), cheap, exact, *args)
+
+
+@_shortcut.defjvp
+def _shortcut_jvp(holds, cheap, exact, primals, tangents):
+    return jax.jvp(exact, primals, tangents)
+
+
 def rows_shared(dense: "DenseGates") -> bool:
     """Whether every input of each layer reads the same gate row (``shared_rows_read`` is exact)."""
     attn = np.asarray(dense.attn)
@@ -928,10 +1053,11 @@ def gated_forward(
       as at all gates 1 of a graph whose inputs see every earlier source: the layer reads one
       residual and broadcasts it (``shared_rows_read``), while the gradient with respect to every
       row stays the dense read's (edge-level gradient methods at gates 1; ``rows_shared`` checks);
-    - ``"single"``: the same promise, and only the rows' sum matters to the caller (node gates, or
-      no gradient at all): the layer reads one residual and its heads read it as the plain model
-      does (one LayerNorm, one wide projection per q/k/v); the gradient with respect to the rows
-      lands on the first row.
+    - ``"single"``: node gates: every destination reads source s with one gate, the logits row's
+      ``gates.logits[(p,) s]`` (a node graph's layout). The run then carries one residual from layer
+      to layer, as the plain model does, with no difference buffer (``_node_stream_forward``); the
+      gradient with respect to the dense gates lands on the logits row. With ``return_deltas``, ghost
+      gates or GradDrop's ``drop_layer`` it keeps the buffer, each layer reading its first row.
 
     ``remat``: differentiate the layers by recomputing them (``_remat_layers``): the backward pass
     keeps two difference buffers instead of one per layer, for one more forward's work. Values and
@@ -944,35 +1070,36 @@ def gated_forward(
     precision = model.precision
     H, M = cfg.n_heads, int(cfg.has_mlp)
     per_position = gates.logits.ndim == 2
+    probes = probes or Probes()
+    if reads not in ("dense", "shared", "single"):
+        raise ValueError(f"reads must be 'dense', 'shared' or 'single', got {reads!r}")
+    if remat and not isinstance(start_layer, int):
+        raise ValueError("remat needs a Python int start_layer (a traced start runs a while_loop, which has no backward)")
+    if deltas is None and tokens is None:
+        raise ValueError("gated_forward needs tokens, or deltas to resume from")
+    n_pos = tokens.shape[1] if deltas is None else deltas.shape[2]
+    if per_position and gates.logits.shape[0] != n_pos:
+        raise InputError(f"per-position gates have {gates.logits.shape[0]} positions, the batch has {n_pos}")
+    if (reads == "single" and not return_deltas and probes.ghost is None and isinstance(probes.drop_layer, int)
+            and probes.drop_layer < 0):
+        return _node_stream_forward(model, gates.logits, ablation, tokens, positions=positions, pos_ids=pos_ids,
+                                    start_layer=start_layer, deltas=deltas, pattern_offset=probes.pattern_offset,
+                                    embed_scale=probes.embed_scale, remat=remat)
 
     if deltas is None:
-        if tokens is None:
-            raise ValueError("gated_forward needs tokens, or deltas to resume from")
         embed_out = _embed(model, tokens, pos_ids)
         batch, n_pos = tokens.shape
         deltas = jnp.zeros((cfg.n_sources, batch, n_pos, cfg.d_model), embed_out.dtype)
-        embed_delta = embed_out - ablation.values[0]
-        if probes is not None:
-            embed_delta = probes.embed_scale * embed_delta
-        deltas = deltas.at[0].set(embed_delta)
-    n_pos = deltas.shape[2]
+        deltas = deltas.at[0].set(probes.embed_scale * (embed_out - ablation.values[0]))
     rot = rotary_tables(cfg, n_pos, pos_ids, deltas.dtype)
     gates = jax.tree.map(lambda g: g.astype(deltas.dtype), gates)  # gates follow the activation dtype
-    if per_position and gates.logits.shape[0] != n_pos:
-        raise InputError(f"per-position gates have {gates.logits.shape[0]} positions, the batch has {n_pos}")
     read = "pds,sbpm->dbpm" if per_position else "ds,sbpm->dbpm"
     read_one = "ps,sbpm->bpm" if per_position else "s,sbpm->bpm"
-    probes = probes or Probes()
     if remat and not isinstance(probes.drop_layer, int):
         # as a float: jax.closure_convert (``_remat_layers``) hoists floating-point tracers only,
         # and an integer one closed over by the recomputed layers would escape its trace
         probes = probes._replace(drop_layer=jnp.asarray(probes.drop_layer, deltas.dtype))
     ghost = None if probes.ghost is None else jax.tree.map(lambda g: g.astype(deltas.dtype), probes.ghost)
-
-    if reads not in ("dense", "shared", "single"):
-        raise ValueError(f"reads must be 'dense', 'shared' or 'single', got {reads!r}")
-    if remat and not isinstance(start_layer, int):
-        raise ValueError("remat needs a Python int start_layer (a traced start runs a while_loop, which has no backward)")
 
     def gated_read(spec, layer_gates, ghost_gates, buffer, visible):
         if reads == "shared" and spec == read:
@@ -986,15 +1113,13 @@ def gated_forward(
             out = out + one(ghost_gates[..., :visible], probes.ghost_deltas[:visible])
         return out
 
-    def attention_inputs(layer, buffer, base, visible):
-        """A layer's q, k and v inputs from a difference buffer and the inputs' base."""
+    def inputs_of(rows, ghost_rows, buffer, base, visible):
+        """A layer's q, k and v inputs from its gate rows, a difference buffer and the inputs' base."""
         if reads == "single":  # one residual for every input: the first row (all rows are equal)
-            x = base + gated_read(
-                read_one, gates.attn[layer][..., 0, :], None if ghost is None else ghost.attn[layer][..., 0, :],
-                buffer, visible)
+            x = base + gated_read(read_one, rows[..., 0, :], None if ghost_rows is None else ghost_rows[..., 0, :],
+                                  buffer, visible)
             return x, x, x
-        inputs = _lead(base, 4) + gated_read(read, gates.attn[layer], None if ghost is None else ghost.attn[layer],
-                                             buffer, visible)
+        inputs = _lead(base, 4) + gated_read(read, rows, ghost_rows, buffer, visible)
         if inputs.shape[0] == 3 * H:
             qkv = inputs.reshape((H, 3) + inputs.shape[1:])
             return qkv[:, 0], qkv[:, 1], qkv[:, 2]
@@ -1007,35 +1132,112 @@ def gated_forward(
             f"the gates give {inputs.shape[0]} attention inputs per layer; this model takes 3 * {H} (q/k/v per head), "
             f"{H} (one per head) or {H} + 2 * {cfg.kv_heads} (k/v per key/value head): build the graph from this model")
 
-    def heads_and_mlp(layer, block, buffer, q_in, k_in, v_in, visible, ablated, base_mlp, q_positions=None):
-        """The layer's heads (queries at ``q_positions`` when given) and MLP, written into ``buffer``."""
-        first = 1 + layer * (H + M)
+    # Beside the buffer the run carries the residual every input reads when all its gates are 1:
+    # base + the sum of every earlier source's difference (the model's own residual stream in this
+    # run). A layer whose inputs all read every earlier source at 1 (every layer at gates 1; the
+    # layers a search has not pruned yet) reads it instead of the buffer and runs its attention and
+    # MLP as the plain model does: one norm, one wide projection per q/k/v, no gated read
+    # (``_shortcut``: a branch on the concrete gates, never under differentiation).
+    carry_residual = reads == "dense" and ghost is None and not remat
+
+    def reads_every_earlier_source(row_gates, n_earlier):
+        ones = (jnp.arange(row_gates.shape[-1]) < n_earlier).astype(row_gates.dtype)
+        return jnp.all(row_gates == _lead(ones, row_gates.ndim))
+
+    def layer_z(layer, block, q_buffer, q_base, kv_buffer, kv_base, visible, resid, q_positions=None):
+        """A layer's mixed values ``z``: queries read from ``q_buffer`` (at ``q_positions`` when given),
+        keys and values from ``kv_buffer``; from the carried residual ``resid`` (every position)
+        when every input reads every earlier source at 1."""
+        ghost_rows = None if ghost is None else ghost.attn[layer]
         offset = None if probes.pattern_offset is None else probes.pattern_offset[layer]
-        z = _attention(cfg, block, layer, q_in, k_in, v_in, precision, offset, rot, q_positions)
+        same = q_buffer is kv_buffer
+
+        def dense(rows, q_buffer, q_base, kv_buffer, kv_base, block, offset, rot, layer, q_positions, resid):
+            q_in, k_in, v_in = inputs_of(rows, ghost_rows, kv_buffer, kv_base, visible)
+            if not same:
+                q_in = inputs_of(rows, ghost_rows, q_buffer, q_base, visible)[0]
+            return _attention(cfg, block, layer, q_in, k_in, v_in, precision, offset, rot, q_positions)
+
+        def from_residual(rows, q_buffer, q_base, kv_buffer, kv_base, block, offset, rot, layer, q_positions, resid):
+            q_in = resid if q_positions is None else _at_positions(resid, q_positions)
+            return _attention(cfg, block, layer, q_in, resid, resid, precision, offset, rot, q_positions)
+
+        def all_clean(rows, *args):
+            return reads_every_earlier_source(rows, 1 + args[7] * (H + M))
+
+        args = (gates.attn[layer], q_buffer, q_base, kv_buffer, kv_base, block, offset, rot, layer, q_positions, resid)
+        if resid is None:
+            return dense(*args)
+        return _shortcut(all_clean, from_residual, dense, *args)
+
+    def heads_and_mlp(layer, block, buffer, z, visible, ablated, base_mlp, resid):
+        """The layer's heads (from their mixed values ``z``) and MLP, written into ``buffer``; with a
+        carried residual ``resid``, also the residual after this layer."""
+        first = 1 + layer * (H + M)
         # with a post norm, each head's share uses the scale of the heads this run computed
         results = _heads_gathered(model, jnp.einsum("hbqe,hed->hbqd", z, block.attn.W_O, precision=precision))
-        results = _dropped(_head_sources(cfg, block, results), layer, probes.drop_layer)
-        heads = results - lax.dynamic_slice_in_dim(ablated, first, H, axis=0)
+        sources = _dropped(_head_sources(cfg, block, results), layer, probes.drop_layer)
+        heads = sources - lax.dynamic_slice_in_dim(ablated, first, H, axis=0)
+        if resid is not None:  # what the heads add to the residual (their b_O is in the next base)
+            resid_mid = resid + jnp.einsum("h,hbpd->bpd", jnp.ones((H,), sources.dtype), sources, precision=precision)
+            if block.attn.b_O is not None:
+                resid_mid = resid_mid + _lead(block.attn.b_O, 3)
         if not M:
-            return lax.dynamic_update_slice_in_dim(buffer, heads, first, axis=0)
+            buffer = lax.dynamic_update_slice_in_dim(buffer, heads, first, axis=0)
+            return buffer if resid is None else (buffer, resid_mid)
         # The MLP reads this layer's heads from `heads` and the earlier sources from the buffer as
         # the layer found it; the layer then writes its H + 1 rows at once. Reading the buffer after
         # writing the heads into it made XLA copy the whole buffer in every layer (6x the loop's cost).
-        mlp_gates = gates.mlp[layer]
-        own = jnp.arange(mlp_gates.shape[-1]) - first
-        earlier = jnp.where((own >= 0) & (own < H), jnp.zeros((), mlp_gates.dtype), mlp_gates)
-        mlp_in = base_mlp + gated_read(read_one, earlier, None if ghost is None else ghost.mlp[layer], buffer, visible)
-        mlp_in = mlp_in + jnp.einsum(read_one, lax.dynamic_slice_in_dim(mlp_gates, first, H, axis=-1), heads,
-                                     precision=precision)
-        out = _dropped(_mlp(cfg, block, mlp_in, precision), layer, probes.drop_layer)
-        out = out - lax.dynamic_index_in_dim(ablated, first + H, axis=0, keepdims=False)
-        return lax.dynamic_update_slice_in_dim(buffer, jnp.concatenate([heads, out[None]], axis=0), first, axis=0)
 
-    def layer_step(layer, deltas, visible: int):
+        def read(mlp_gates, buffer, heads, base_mlp, resid_in, first):
+            own = jnp.arange(mlp_gates.shape[-1]) - first
+            earlier = jnp.where((own >= 0) & (own < H), jnp.zeros((), mlp_gates.dtype), mlp_gates)
+            mlp_in = base_mlp + gated_read(read_one, earlier, None if ghost is None else ghost.mlp[layer], buffer,
+                                           visible)
+            return mlp_in + jnp.einsum(read_one, lax.dynamic_slice_in_dim(mlp_gates, first, H, axis=-1), heads,
+                                       precision=precision)
+
+        def all_clean(mlp_gates, *args):
+            return reads_every_earlier_source(mlp_gates, args[-1] + (0 if cfg.parallel else H))
+
+        resid_in = None if resid is None else (resid if cfg.parallel else resid_mid)
+        args = (gates.mlp[layer], buffer, heads, base_mlp, resid_in, first)
+        mlp_in = read(*args) if resid is None else _shortcut(all_clean, lambda *a: a[4], read, *args)
+        out = _dropped(_mlp(cfg, block, mlp_in, precision), layer, probes.drop_layer)
+        ablated_mlp = lax.dynamic_index_in_dim(ablated, first + H, axis=0, keepdims=False)
+        buffer = lax.dynamic_update_slice_in_dim(buffer, jnp.concatenate([heads, (out - ablated_mlp)[None]], axis=0),
+                                                 first, axis=0)
+        return buffer if resid is None else (buffer, resid_mid + out)
+
+    def layer_step(layer, carry, visible: int):
         # Layers of this segment read only the first `visible` sources: the rest are not computed yet.
-        q_in, k_in, v_in = attention_inputs(layer, deltas, ablation.base_attn[layer], visible)
+        deltas, resid = carry if carry_residual else (carry, None)
+        block = _block_at(model, layer)
+        base = ablation.base_attn[layer]
+        z = layer_z(layer, block, deltas, base, deltas, base, visible, resid)
         mlp_base = ablation.base_mlp[layer] if M else None
-        return heads_and_mlp(layer, _block_at(model, layer), deltas, q_in, k_in, v_in, visible, ablation.values, mlp_base)
+        return heads_and_mlp(layer, block, deltas, z, visible, ablation.values, mlp_base, resid)
+
+    def final_input(logit_gates, deltas, base, resid):
+        """What the unembedding reads: the gated sum of every source, or the carried residual."""
+        def read(logit_gates, deltas, base, resid):
+            return base + gated_read(read_one, logit_gates, None if ghost is None else ghost.logits, deltas,
+                                     cfg.n_sources)
+
+        if resid is None:
+            return read(logit_gates, deltas, base, resid)
+        return _shortcut(lambda g, *_: jnp.all(g == 1), lambda *a: a[3], read, logit_gates, deltas, base, resid)
+
+    if carry_residual:
+        if isinstance(start_layer, int) and start_layer == 0:
+            resid = ablation.values[0] + deltas[0]
+        else:  # resumed: the inputs' base plus every earlier source
+            bases = jnp.concatenate([ablation.base_attn, ablation.base_logits[None]], axis=0)
+            earlier = (jnp.arange(cfg.n_sources) < 1 + jnp.asarray(start_layer) * (H + M)).astype(deltas.dtype)
+            resid = bases[start_layer] + jnp.einsum("s,sbpm->bpm", earlier, deltas, precision=precision)
+        carry = (deltas, resid)
+    else:
+        carry = deltas
 
     # The last layer, when the metric reads a few positions and nothing else is asked of the run,
     # computes its queries, heads and MLP at those positions only (keys and values everywhere).
@@ -1049,30 +1251,32 @@ def gated_forward(
         lower = max(start_layer, lo) if isinstance(start_layer, int) else jnp.clip(start_layer, lo, top)
         step = functools.partial(layer_step, visible=visible)
         if not remat:
-            deltas = lax.fori_loop(lower, top, step, deltas)
+            carry = lax.fori_loop(lower, top, step, carry)
         elif top > lower:
             segments.append((lower, top, step))
     if segments:
-        deltas = _remat_layers(segments, H + M, deltas)
+        carry = _remat_layers(segments, H + M, carry)
+    deltas, resid = carry if carry_residual else (carry, None)
     if not trim:
-        final_in = ablation.base_logits + gated_read(
-            read_one, gates.logits, None if ghost is None else ghost.logits, deltas, cfg.n_sources)
-        logits = _unembed(model, final_in, positions)
+        logits = _unembed(model, final_input(gates.logits, deltas, ablation.base_logits, resid), positions)
         return (logits, deltas) if return_deltas else logits
+    at = functools.partial(_at_positions, positions=positions)
 
-    def last_layer(deltas):
-        at = functools.partial(_at_positions, positions=positions)
+    def last_layer(deltas, resid):
         read_here = at(deltas)
-        q_in, _, _ = attention_inputs(last, read_here, at(ablation.base_attn[last]), cfg.n_sources)
-        _, k_in, v_in = attention_inputs(last, deltas, ablation.base_attn[last], cfg.n_sources)
+        block = _block_at(model, last)
+        z = layer_z(jnp.int32(last), block, read_here, at(ablation.base_attn[last]), deltas, ablation.base_attn[last],
+                    cfg.n_sources, resid, q_positions=positions)
         mlp_base = at(ablation.base_mlp[last]) if M else None
-        return heads_and_mlp(jnp.int32(last), _block_at(model, last), read_here, q_in, k_in, v_in, cfg.n_sources,
-                             at(ablation.values), mlp_base, q_positions=positions)
+        out = heads_and_mlp(jnp.int32(last), block, read_here, z, cfg.n_sources, at(ablation.values), mlp_base,
+                            None if resid is None else at(resid))
+        return out if resid is not None else (out, None)
+
+    def skip_it(deltas, resid):
+        return at(deltas), None if resid is None else at(resid)
 
     if isinstance(start_layer, int):
-        at_reads = last_layer(deltas) if start_layer <= last else _at_positions(deltas, positions)
+        at_reads, resid = (last_layer if start_layer <= last else skip_it)(deltas, resid)
     else:
-        at_reads = lax.cond(start_layer <= last, last_layer, lambda d: _at_positions(d, positions), deltas)
-    final_in = _at_positions(ablation.base_logits, positions) + gated_read(read_one, gates.logits, None, at_reads,
-                                                                          cfg.n_sources)
-    return _unembed(model, final_in, None)
+        at_reads, resid = lax.cond(start_layer <= last, last_layer, skip_it, deltas, resid)
+    return _unembed(model, final_input(gates.logits, at_reads, at(ablation.base_logits), resid), None)
