@@ -34,8 +34,9 @@ before a removal is carried from the last decision, as ACDC's ``cur_metric`` is,
 only when the start layer changes. Every evaluation starts at the destination's layer on cached
 clean differences: layers below it still have their starting gates (all 1, so their sources are
 clean; or, with ``nodes``, the out-of-scope edges at 0, and then the cache comes from that gated
-run). The host calls the loop for a growing number of steps at a time (doubling while a call takes
-under half a second, or under a quarter of ``checkpoint_every``) and between calls reports
+run). The host calls the loop for a growing number of steps at a time (while a call takes under half a
+second, or under a quarter of ``checkpoint_every``: four times as many below an eighth of that,
+twice as many above) and between calls reports
 progress and writes checkpoints, so a step costs no host round trip and a resumed run makes the
 same decisions. ``width`` (``max_batch``, at most ``chunk_size``) trades evaluations for steps: 1
 evaluates each edge exactly once (the cheapest on a CPU, where configurations cost in sequence),
@@ -542,14 +543,15 @@ def acdc(
         })
 
     while state["group"] < n_groups:
+        # host (numpy) values: the call transfers them at once (a jnp scalar each is a dispatch of its own)
         carry = _Carry(
-            group=jnp.int32(state["group"]), position=jnp.int32(state["position"]), gates=jnp.asarray(gates),
-            scores=jnp.asarray(scores, jnp.float32), loss=jnp.float32(state["loss"]),
-            loss_layer=jnp.int32(state["loss_layer"]), steps=jnp.int32(0), evaluations=jnp.int32(0),
-            work=jnp.float32(0), needed=jnp.float32(0),
+            group=np.int32(state["group"]), position=np.int32(state["position"]), gates=gates,
+            scores=scores.astype(np.float32), loss=np.float32(state["loss"]),
+            loss_layer=np.int32(state["loss_layer"]), steps=np.int32(0), evaluations=np.int32(0),
+            work=np.float32(0), needed=np.float32(0),
         )
         called = time.perf_counter()
-        carry = _search(problem, deltas, plan, carry, jnp.float32(threshold), jnp.int32(steps_per_call), bool(abs_value), width)
+        carry = _search(problem, deltas, plan, carry, np.float32(threshold), np.int32(steps_per_call), bool(abs_value), width)
         carry = jax.device_get(carry)
         seconds = time.perf_counter() - called
         gates = np.array(carry.gates, np.float32)
@@ -565,8 +567,8 @@ def acdc(
         if time.perf_counter() - last_save >= checkpoint_every:
             save()
             last_save = time.perf_counter()
-        if seconds < target_seconds:
-            steps_per_call *= 2
+        if seconds < target_seconds:  # four times as many steps while a call is short, twice near the target
+            steps_per_call *= 4 if seconds < target_seconds / 8 else 2
 
     save(final=True)
     names = graph.gate_names if units is None else units.unit_names(graph.gate_names)
