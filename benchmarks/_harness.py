@@ -85,6 +85,29 @@ def timed(fn: Callable, *args, repeats: int = 5) -> dict:
     return {"first_call_s": first, "compile_s": max(0.0, first - steady), "steady_s": steady, "steady_min_s": min(times)}
 
 
+def interleaved(calls: dict[str, tuple], repeats: int = 5) -> dict[str, dict]:
+    """``timed`` for several functions at once, ``calls[name] = (fn, *args)``: each is compiled by
+    a first call, then the calls alternate round by round, so that a change in the shared machine's
+    load moves every function's samples alike (ratios of medians, not of runs minutes apart)."""
+    first = {}
+    for name, (fn, *args) in calls.items():
+        start = time.perf_counter()
+        block(fn(*args))
+        first[name] = time.perf_counter() - start
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, (fn, *args) in calls.items():
+            start = time.perf_counter()
+            block(fn(*args))
+            times[name].append(time.perf_counter() - start)
+    out = {}
+    for name, ts in times.items():
+        steady = statistics.median(ts)
+        out[name] = {"first_call_s": first[name], "compile_s": max(0.0, first[name] - steady), "steady_s": steady,
+                     "steady_min_s": min(ts)}
+    return out
+
+
 def device_name() -> str:
     dev = jax.devices()[0]
     if dev.platform == "cpu":

@@ -26,7 +26,7 @@ import numpy as np
 import acdc_jax as aj
 from acdc_jax.models import TransformerConfig, forward
 
-from ._harness import random_task, record, timed
+from ._harness import interleaved, random_task, record
 
 
 def analytic_mflop_per_token(cfg: TransformerConfig, graph: aj.Graph, pos: int) -> tuple[float, float]:
@@ -67,7 +67,7 @@ def main(argv=None):
     parser.add_argument("--size", default="gpt2")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--pos", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--qkv-split", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--level", choices=("edge", "node"), default="edge")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -83,9 +83,11 @@ def main(argv=None):
     gates = graph.gates(1.0)
 
     ungated = eqx.filter_jit(forward)
-    t_plain = timed(ungated, model, run.tokens, repeats=args.repeats)
-    t_gated = timed(run, gates, repeats=args.repeats)
-    t_pruned = timed(run, pruned_everywhere(graph), repeats=args.repeats) if graph.level == "edge" else None
+    calls = {"plain": (ungated, model, run.tokens), "gated": (run, gates)}
+    if graph.level == "edge":
+        calls["pruned"] = (run, pruned_everywhere(graph))
+    timings = interleaved(calls, repeats=args.repeats)
+    t_plain, t_gated, t_pruned = timings["plain"], timings["gated"], timings.get("pruned")
     tokens = args.batch * args.pos
     mflop_plain, mflop_gated = analytic_mflop_per_token(cfg, graph, args.pos)
     results = {
