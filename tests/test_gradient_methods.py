@@ -347,6 +347,52 @@ def test_atp_star_recovers_saturated_heads_that_eap_misses():
     assert np.all(np.abs(atp - exact)[qk] <= np.abs(plain - exact)[qk] + 1e-5)
 
 
+def test_qk_fix_pattern_effects_equal_one_edge_at_a_time_over_several_layer_segments():
+    """The QK fix's table ``<A'(edge) - A, d loss / d A>`` on a 4-layer model with MLPs and LayerNorm
+    (two layer segments, each projecting only the sources before its last layer) equals a plain
+    float64 loop over every (prompt, layer, head, q|k, earlier source or internal edge) that builds
+    the changed input, its queries or keys, and the new pattern one case at a time; the slots of
+    later sources (no edges) are 0."""
+    from acdc_jax.methods.atp_star import _jit_qk_fix
+    from acdc_jax.models import attention_pattern, queries_keys
+    from acdc_jax.models._transformer import _block_at, layer_segments
+    from acdc_jax.patching import source_values
+
+    cfg = aj.TransformerConfig(n_layers=4, n_heads=2, d_model=8, d_head=4, d_mlp=16, d_vocab=13, n_ctx=6)
+    assert len(layer_segments(cfg.n_layers)) == 2
+    with jax.enable_x64(True):
+        model = _random_model(cfg, 3, 0.6)
+        problem = Problem.build(model, _toy_task(model, "logit_diff", n_prompts=2, seed=2), metric="logit_diff",
+                                ablation="corrupt")
+        n_rows, n_pos = problem.run.tokens.shape
+        d_pattern = jnp.asarray(np.random.RandomState(0).randn(1, n_rows, cfg.n_layers, cfg.n_heads, n_pos, n_pos))
+        table = np.asarray(_jit_qk_fix(computation(problem), d_pattern, 1))[0]  # [L, H, 2, S + 1]
+        clean = source_values(model, problem.run.tokens)
+        ablated = problem.run.ablation
+        inputs = Ablation.from_values(model, clean).base_attn  # [L, rows, pos, d]
+        deltas = clean - ablated.values
+        expected = np.zeros(table.shape)
+        for layer in range(cfg.n_layers):
+            block = _block_at(model, layer)
+            n_earlier = 1 + layer * (cfg.n_heads + 1)
+            for row in range(n_rows):
+                x = inputs[layer, row][None]
+                q, k = queries_keys(cfg, block, x, x, None, model.precision)
+                pattern = attention_pattern(cfg, layer, q, k, model.precision)[:, 0]  # [H, q, k]
+                changed = [x - deltas[s, row][None] for s in range(n_earlier)]
+                slots = list(range(n_earlier)) + [cfg.n_sources]
+                for slot, new_in in zip(slots, changed + [ablated.base_attn[layer, row][None]]):
+                    q_new, k_new = queries_keys(cfg, block, new_in, new_in, None, model.precision)
+                    for which, (qq, kk) in enumerate([(q_new, k), (q, k_new)]):
+                        new = attention_pattern(cfg, layer, qq, kk, model.precision)[:, 0]
+                        expected[layer, :, which, slot] += np.einsum(
+                            "hqk,hqk->h", np.asarray(new - pattern), np.asarray(d_pattern[0, row, layer]))
+    for layer in range(cfg.n_layers):
+        n_earlier = 1 + layer * (cfg.n_heads + 1)
+        assert np.abs(expected[layer, :, :, :n_earlier]).max() > 1e-3
+    np.testing.assert_allclose(table, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_graddrop_drops_exactly_the_paths_through_a_layer():
     """Dropping layer 1's gradient equals attributing on the model whose layer 1 writes nothing:
     with no LayerNorm and a linear metric, the gradient elsewhere does not depend on layer 1's values."""

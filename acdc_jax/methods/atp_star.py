@@ -37,6 +37,7 @@ are in ``circuit.extra["signed"]`` and the per-layer estimates in ``extra["gradd
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -49,7 +50,7 @@ from jax import lax
 
 from ..models import Ablation
 from ..models import attention_pattern, queries_keys, rotary_tables
-from ..models._transformer import _block_at
+from ..models._transformer import _block_at, layer_segments
 from ..patching import source_values
 from ._circuit import Circuit
 from ._gradients import (
@@ -194,11 +195,13 @@ def _jit_qk_fix(problem: Problem, d_pattern, chunk: int):
     n_rows = resid.shape[1]
     rot = rotary_tables(cfg, resid.shape[2], None, resid.dtype)  # the clean run's positions
 
+    n_slots = deltas.shape[0] + 1
+
     def per_row(row):
-        def per_layer(layer):
+        def per_layer(layer, n_earlier: int):
             block = _block_at(model, layer)
             x = resid[layer, row]
-            inputs = jnp.concatenate([x[None] - deltas[:, row], ablated[layer, row][None]], axis=0)
+            inputs = jnp.concatenate([x[None] - deltas[:n_earlier, row], ablated[layer, row][None]], axis=0)
             q, k = queries_keys(cfg, block, x[None], x[None], rot, precision)  # [H, 1, pos, E]
             pattern = attention_pattern(cfg, layer, q, k, precision)  # [H, 1, q, k]
             q_new, k_new = queries_keys(cfg, block, inputs, inputs, rot, precision)  # [H, S+1, pos, E]
@@ -207,9 +210,17 @@ def _jit_qk_fix(problem: Problem, d_pattern, chunk: int):
             grad = d_pattern[:, row, layer]  # [P, H, q, k]
             by_q = jnp.einsum("hsqk,phqk->phs", with_q - pattern, grad, precision=precision)
             by_k = jnp.einsum("hsqk,phqk->phs", with_k - pattern, grad, precision=precision)
-            return jnp.stack([by_q, by_k], axis=2)  # [P, H, 2, S+1]
+            out = jnp.stack([by_q, by_k], axis=2)  # [P, H, 2, n_earlier + 1]: the last slot is the internal edge
+            earlier = jnp.arange(n_earlier) < 1 + layer * (cfg.n_heads + int(cfg.has_mlp))  # the layer's own sources
+            later = jnp.zeros(out.shape[:-1] + (n_slots - 1 - n_earlier,), out.dtype)
+            return jnp.concatenate([jnp.where(earlier, out[..., :-1], 0), later, out[..., -1:]], axis=-1)  # [P, H, 2, S+1]
 
-        return lax.map(per_layer, jnp.arange(cfg.n_layers))  # [L, P, H, 2, S+1]
+        # A layer's q/k inputs read only the sources before it: a segment of layers projects the
+        # sources before its last layer; the slots of later sources (no edges of the layer) are 0.
+        return jnp.concatenate([
+            lax.map(functools.partial(per_layer, n_earlier=1 + (hi - 1) * (cfg.n_heads + int(cfg.has_mlp))),
+                    jnp.arange(lo, hi))
+            for lo, hi in layer_segments(cfg.n_layers)], axis=0)  # [L, P, H, 2, S+1]
 
     total = _chunked_sum(per_row, n_rows, chunk)
     return jnp.moveaxis(total, 1, 0)  # [P, L, H, 2, S+1]
