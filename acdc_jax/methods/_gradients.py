@@ -135,9 +135,11 @@ def uniform_gate_gradients(problem: Problem, alphas, *, per_position: bool = Fal
     return np.stack(out)
 
 
-def _split_chunk(problem: Problem, chunk_size: int | None, pattern: bool = False) -> int:
+def _split_chunk(problem: Problem, chunk_size: int | None, pattern: bool = False, copies: int = 1) -> int:
+    """Prompts per chunk of the split path; ``copies`` backward passes at once (GradDrop's drops,
+    vmapped over one forward) count as that many whole passes, an upper bound."""
     if chunk_size is None:
-        fit = int(0.5 * device_memory_bytes() // max(1.0, split_backward_bytes(problem, pattern)))
+        fit = int(0.5 * device_memory_bytes() // max(1.0, copies * split_backward_bytes(problem, pattern)))
         chunk_size = max(1, min(problem.run.tokens.shape[0], fit))
     return int(chunk_size)
 
@@ -145,21 +147,23 @@ def _split_chunk(problem: Problem, chunk_size: int | None, pattern: bool = False
 def dropped_gradients_and_patterns(problem: Problem, drops, *, pattern: bool = True, chunk_size: int | None = None):
     """At all gates 1, for each GradDrop layer of ``drops`` (-1: none): ``d loss / d gates``
     ``[n_drops, n_gates]`` and (``pattern``, else None) ``d loss / d pattern`` ``[n_drops, n_prompts,
-    L, H, q, k]``, from one residual stream per drop (``models.split_pullback``), as the gated
-    forward's probes give them (``drop_layer_logits``). One compilation for every drop."""
-    chunk = _split_chunk(problem, chunk_size, pattern=pattern)
-    grads, patterns = [], []
-    for drop in np.asarray(drops, np.int32):
-        out = _jit_split_gradients(computation(problem), None, False, False, chunk, jnp.int32(drop), pattern)
-        g, p = out if pattern else (out, None)
-        grads.append(np.asarray(g, np.float64))
-        patterns.append(p)
-    return np.stack(grads), jnp.stack(patterns) if pattern else None
+    L, H, q, k]``, from one residual stream (``models.split_pullback``), as the gated forward's
+    probes give them (``drop_layer_logits``). The forward's value does not depend on the drop, so it
+    runs once and only the backward pass is vmapped over the drops."""
+    drops = np.asarray(drops, np.int32)
+    chunk = _split_chunk(problem, chunk_size, pattern=pattern, copies=len(drops))
+    out = _jit_dropped_split_gradients(computation(problem), chunk, jnp.asarray(drops), pattern)
+    grads, patterns = out if pattern else (out, None)
+    return np.asarray(grads, np.float64), patterns
 
 
 @eqx.filter_jit
-def _jit_split_gradients(problem: Problem, alpha, per_position: bool, per_row: bool, chunk: int, drop=-1,
-                         pattern: bool = False):
+def _jit_dropped_split_gradients(problem: Problem, chunk: int, drops, pattern: bool):
+    return jax.vmap(lambda drop: _split_gradients(problem, None, False, False, chunk, drop, pattern))(drops)
+
+
+def _split_gradients(problem: Problem, alpha, per_position: bool, per_row: bool, chunk: int, drop=-1,
+                     pattern: bool = False):
     """``d loss / d gates`` at the uniform point ``alpha`` (None: 1), chunked over prompts; with
     ``pattern`` also ``d loss / d pattern`` per prompt ``[n_prompts, L, H, q, k]``."""
     run, graph = problem.run, problem.graph
@@ -211,6 +215,9 @@ def _jit_split_gradients(problem: Problem, alpha, per_position: bool, per_row: b
     total, (per_chunk, d_pattern) = lax.scan(body, total, (index, cotangent))
     return result(_from_chunks(per_chunk, n_rows) if per_row else total,
                   None if d_pattern is None else _from_chunks(d_pattern, n_rows))
+
+
+_jit_split_gradients = eqx.filter_jit(_split_gradients)
 
 
 # --------------------------------------------------------------------------------------------
