@@ -368,7 +368,7 @@ def _print_memory_plan(config, prompts: int, pos: int, dtype: str, prompt_device
 
 # which memory estimate of ``memory_plan`` a method's run follows (methods without one are not checked)
 _PLAN_OF_METHOD = {"acdc": "acdc", "acdc-nodes": "acdc", "eap": "eap", "eap-nodes": "eap", "hisp": "eap",
-                   "atp-star": "eap", "wrong-answer": "eap", "eap-ig": "eap-ig", "eap-ig-inputs": "eap-ig"}
+                   "atp-star": "atp-star", "wrong-answer": "eap", "eap-ig": "eap-ig", "eap-ig-inputs": "eap-ig-inputs"}
 
 
 def _check_memory(config, task, method: str, dtype: str, prompt_devices: int, model_devices: int,

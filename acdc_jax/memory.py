@@ -8,12 +8,16 @@ floats. Per method, per device, with the prompts split over ``prompt_devices`` d
 weights over ``model_devices`` (the mesh's ``model`` axis, tensor parallel over heads and MLP width:
 ``acdc_jax.sharding``):
 
-- **gradient methods** (EAP, HISP, AtP*, wrong-answer): the weights plus ``2 n_layers + 2`` forwards
-  per prompt in a chunk (``patching.backward_forwards``, measured); the methods chunk prompts to fit, so the fastest is every prompt at once
-  and the least is one prompt per chunk, with the layers recomputed in the backward pass where that
-  keeps less (``patching.REMAT_FORWARDS`` forwards instead of ``2 n_layers + 2``), as the methods do
-  when they must chunk;
-- **EAP-IG**: the same per (step, prompt) configuration, ``steps x prompts`` of them;
+- **gradient methods** (EAP, HISP, wrong-answer, EAP-IG's gate steps): at uniform gates they run
+  one residual stream (``models.split_pullback``), so the weights plus ``split_backward_bytes`` per
+  prompt in a chunk; the methods chunk prompts to fit, so the fastest is every prompt at once and
+  the least is one prompt per chunk (EAP-IG's steps run one after another);
+- **AtP***: the same with every head's pattern gradient, for each of its ``n_layers + 1`` GradDrop
+  points (their backward passes are vmapped over one forward);
+- **EAP-IG over inputs**: the gated forward's backward pass, ``2 n_layers + 2`` forwards per
+  (step, prompt) configuration (``patching.backward_forwards``, measured), ``steps x prompts`` of
+  them at once, or one with the layers recomputed where that keeps less
+  (``patching.REMAT_FORWARDS`` forwards);
 - **ACDC**: the weights, the cached clean differences of every prompt, and ``width`` gated
   forwards over the whole batch (each evaluation reads every prompt, so prompts are not chunked).
 
@@ -56,6 +60,21 @@ def split_activation_bytes(cfg: TransformerConfig, n_in: int, batch: int, n_pos:
     return cfg.n_sources * act + per_layer
 
 
+def split_backward_bytes(cfg: TransformerConfig, n_in: int, n_pos: int, itemsize: int, *, pattern: bool = False,
+                         model_devices: int = 1) -> int:
+    """Rough peak memory per prompt of the one-residual backward pass (``models.split_pullback``:
+    EAP, HISP, EAP-IG's gate steps, AtP* and the wrong-answer gradients at uniform gates): every
+    layer's work as the plain backward keeps it, every source's value and difference, one layer's
+    input cotangents; with ``pattern`` every head's pattern gradient too (AtP*'s QK fix). The
+    methods chunk prompts by this estimate; on a model axis the per-head and per-MLP-unit parts
+    are split as in ``split_activation_bytes``."""
+    act = n_pos * cfg.d_model * itemsize
+    one_layer = split_activation_bytes(cfg, 8, 1, n_pos, itemsize, model_devices) - cfg.n_sources * act
+    heads = cfg.n_heads // model_devices
+    patterns = 2 * cfg.n_layers * heads * n_pos * n_pos * itemsize if pattern else 0
+    return cfg.n_layers * one_layer + (2 * cfg.n_sources + 2 * -(-n_in // model_devices)) * act + patterns
+
+
 def memory_plan(
     config: TransformerConfig,
     *,
@@ -83,14 +102,21 @@ def memory_plan(
     forward = split_activation_bytes(config, n_in, 1, n_pos, itemsize, model_devices) + logits
     backward = backward_forwards(config.n_layers, False) * forward
     least_backward = backward_forwards(config.n_layers, remat_pays(config.n_layers)) * forward
+    split = split_backward_bytes(config, n_in, n_pos, itemsize, model_devices=model_devices) + logits
+    drops = config.n_layers + 1  # AtP*'s GradDrop points: one backward each, vmapped over one forward
+    split_qk = drops * (split_backward_bytes(config, n_in, n_pos, itemsize, pattern=True, model_devices=model_devices)
+                        + logits)
     deltas = config.n_sources * per_device * n_pos * config.d_model * itemsize
     acdc = weights + deltas + acdc_width * (split_activation_bytes(config, n_in, per_device, n_pos, itemsize, model_devices)
                                             + per_device * logits)
     methods = {
-        "eap, hisp, atp-star, wrong-answer": {"least": weights + least_backward,
-                                              "all_at_once": weights + per_device * backward},
-        f"eap-ig ({eap_ig_steps} steps)": {"least": weights + least_backward,
-                                          "all_at_once": weights + eap_ig_steps * per_device * backward},
+        "eap, hisp, wrong-answer": {"least": weights + split, "all_at_once": weights + per_device * split},
+        f"atp-star ({drops} GradDrop points)": {"least": weights + split_qk, "all_at_once": weights + per_device * split_qk},
+        # the gate steps are uniform: one residual stream per step, one step after another
+        f"eap-ig ({eap_ig_steps} steps)": {"least": weights + split, "all_at_once": weights + per_device * split},
+        # the embedding path runs the gated forward, every (step, prompt) configuration at once
+        f"eap-ig-inputs ({eap_ig_steps} steps)": {"least": weights + least_backward,
+                                                 "all_at_once": weights + eap_ig_steps * per_device * backward},
         f"acdc (width {acdc_width})": {"least": acdc, "all_at_once": acdc},
     }
     return {"weights": weights, "prompts_per_device": per_device, "prompt_devices": prompt_devices,
@@ -126,7 +152,7 @@ def fitting_mesh(config: TransformerConfig, device_bytes: int, *, n_prompts: int
     return None
 
 
-def human(n: float) -> str:
+def human(n: int | float) -> str:
     """Bytes as KB/MB/GB/TB (powers of 1024)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1024 or unit == "TB":

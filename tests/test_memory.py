@@ -8,10 +8,12 @@ from typer.testing import CliRunner
 import acdc_jax as aj
 from acdc_jax.cli import app
 from acdc_jax.memory import fitting_mesh, human, memory_plan, split_activation_bytes, weight_bytes
+from acdc_jax.methods import Problem
+from acdc_jax.methods._gradients import split_backward_bytes
 from acdc_jax.models import TransformerConfig, model_arrays
 from acdc_jax.patching import activation_bytes, bytes_per_configuration
 from acdc_jax.sharding import make_mesh, shard_model
-from acdc_jax.tasks import get_task
+from acdc_jax.tasks import Task, get_task
 
 
 def test_the_plan_matches_the_model_and_the_chunk_estimate():
@@ -26,8 +28,19 @@ def test_the_plan_matches_the_model_and_the_chunk_estimate():
     deltas = cfg.n_sources * 6 * 8 * cfg.d_model * 4
     acdc = plan["methods"]["acdc (width 2)"]["least"]
     assert acdc == weight_bytes(cfg) + deltas + 2 * (bytes_per_configuration(run) + 6 * cfg.d_vocab_out * 4)
-    eap = plan["methods"]["eap, hisp, atp-star, wrong-answer"]
+    # the gradient methods at uniform gates run one residual stream: the estimate they chunk prompts by
+    problem = Problem.build(model, Task(name="t", clean=tokens, corrupt=rng.randint(0, 29, (6, 8)),
+                                        positions=np.full((6, 1), 7), metric="kl"), ablation="corrupt")
+    logits = cfg.d_vocab_out * 4
+    eap = plan["methods"]["eap, hisp, wrong-answer"]
+    assert eap["least"] == plan["weights"] + split_backward_bytes(problem) + logits
     assert eap["all_at_once"] - plan["weights"] == 6 * (eap["least"] - plan["weights"])
+    assert plan["methods"]["eap-ig (5 steps)"] == eap  # its steps run one after another
+    atp = plan["methods"]["atp-star (3 GradDrop points)"]  # no drop, then each of the 2 layers dropped
+    assert atp["least"] == plan["weights"] + 3 * (split_backward_bytes(problem, pattern=True) + logits)
+    inputs = plan["methods"]["eap-ig-inputs (5 steps)"]  # the gated forward's backward, every configuration at once
+    assert inputs["all_at_once"] == plan["weights"] + 5 * 6 * 2 * (cfg.n_layers + 1) * (
+        bytes_per_configuration(run) // 6 + cfg.d_vocab_out * 4)
     split = memory_plan(cfg, n_prompts=6, n_pos=8, prompt_devices=3)
     assert split["prompts_per_device"] == 2
     whole = memory_plan(cfg, n_prompts=6, n_pos=8)

@@ -33,10 +33,11 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array
 
+from .. import memory
 from ..graph import Graph
 from ..models import Probes, gated_forward, rows_shared
 from ..models._split import split_pullback
-from ..patching import (GatedRun, activation_bytes, auto_chunk_size, backward_forwards, bytes_per_configuration, chunked_vmap,
+from ..patching import (GatedRun, auto_chunk_size, backward_forwards, bytes_per_configuration, chunked_vmap,
                         device_memory_bytes, graph_reads, remat_pays, source_values)
 from ._circuit import Circuit
 from ._positions import PositionUnits
@@ -107,16 +108,9 @@ def _full_reads(graph: Graph) -> np.ndarray:
 
 
 def split_backward_bytes(problem: Problem, pattern: bool = False) -> int:
-    """Rough peak memory of ``uniform_gate_gradients`` per prompt: the plain backward's residuals
-    (a layer's work per layer), every source's value, and one layer's input cotangents; with
-    ``pattern`` every head's pattern gradient too."""
-    cfg = problem.model.config
-    n_pos = problem.run.tokens.shape[1]
-    itemsize = jnp.dtype(problem.model.dtype).itemsize
-    one_layer = activation_bytes(cfg, 8, 1, n_pos, itemsize) - cfg.n_sources * n_pos * cfg.d_model * itemsize
-    patterns = 2 * cfg.n_layers * cfg.n_heads * n_pos * n_pos * itemsize if pattern else 0
-    return (cfg.n_layers * one_layer + (2 * cfg.n_sources + 2 * problem.graph.n_in) * n_pos * cfg.d_model * itemsize
-            + patterns)
+    """``memory.split_backward_bytes`` for this problem's model, graph and prompt length."""
+    return memory.split_backward_bytes(problem.model.config, problem.graph.n_in, problem.run.tokens.shape[1],
+                                       jnp.dtype(problem.model.dtype).itemsize, pattern=pattern)
 
 
 def uniform_gate_gradients(problem: Problem, alphas, *, per_position: bool = False, per_row: bool = False,
