@@ -637,12 +637,12 @@ def _residual_forward(model, tokens, positions, pos_ids, collect: bool, probes: 
             update = written(sources, first, H)
             if block.attn.b_O is not None:  # as Ablation.from_values writes it into the base
                 update = update + _lead(block.attn.b_O, 3)
-            x = x + _gradient_dropped(update, layer, drop_layer)
+            x = x + _dropped(update, layer, drop_layer)
         else:
             # the heads' sum as its own contraction: XLA's CPU sum over the leading (head) axis of the
             # per-head outputs costs six times the projection
             update = _attention_output(cfg, block, jnp.einsum("hbqe,hed->bqd", z, block.attn.W_O, precision=precision))
-            x = x + _gradient_dropped(update, layer, drop_layer)
+            x = x + _dropped(update, layer, drop_layer)
             if collect:
                 results = _heads_gathered(model, jnp.einsum("hbqe,hed->hbqd", z, block.attn.W_O, precision=precision))
                 sources = _head_sources(cfg, block, results)
@@ -650,7 +650,7 @@ def _residual_forward(model, tokens, positions, pos_ids, collect: bool, probes: 
         if cfg.has_mlp:
             mlp_in = x_before if cfg.parallel else x  # parallel: the same residual as the heads
             m = _mlp(cfg, block, mlp_in if probes is None else mlp_in + probe.mlp, precision)
-            x = x + _gradient_dropped(m if mixture is None else written(m[None], first + H, 1), layer, drop_layer)
+            x = x + _dropped(m if mixture is None else written(m[None], first + H, 1), layer, drop_layer)
             if collect:
                 outs.append(m[None])
         per_layer = jnp.concatenate(outs, axis=0) if collect else None
@@ -761,15 +761,9 @@ class Probes(NamedTuple):
 
 
 def _dropped(x: Array, layer, drop_layer) -> Array:
-    if isinstance(drop_layer, int) and drop_layer < 0:
-        return x
-    return jnp.where(layer == drop_layer, lax.stop_gradient(x), x)
-
-
-def _gradient_dropped(x: Array, layer, drop_layer) -> Array:
-    """``_dropped`` whose value never depends on ``drop_layer``: ``x``, with a zero cotangent where
-    ``layer == drop_layer``. Under ``vmap`` over drop layers the forward therefore stays one
-    unbatched pass and only the backward is batched (AtP*'s GradDrop: one forward for every drop)."""
+    """``x``, with a zero cotangent where ``layer == drop_layer`` (GradDrop; -1: none). Its value never
+    depends on ``drop_layer``, so under ``vmap`` over drop layers the forward stays one unbatched
+    pass and only the backward is batched (AtP*: one forward for every drop)."""
     if isinstance(drop_layer, int) and drop_layer < 0:
         return x
     return _kept_gradient(x, layer != drop_layer)
