@@ -185,7 +185,7 @@ def _jit_qk_fix(problem: Problem, d_pattern, chunk: int):
     ``d_pattern`` is ``[points, prompts, L, H, pos, pos]``. Source slot ``n_sources`` is the internal
     edge (the whole input ablated).
     """
-    model, run = problem.model, problem.run
+    model, run, graph = problem.model, problem.run, problem.graph
     cfg = model.config
     precision = model.precision
     clean = source_values(model, run.tokens)
@@ -196,6 +196,7 @@ def _jit_qk_fix(problem: Problem, d_pattern, chunk: int):
     rot = rotary_tables(cfg, resid.shape[2], None, resid.dtype)  # the clean run's positions
 
     n_slots = deltas.shape[0] + 1
+    first_source = np.array([graph.first_source_of_layer(layer) for layer in range(cfg.n_layers)])
 
     def per_row(row):
         def per_layer(layer, n_earlier: int):
@@ -211,14 +212,14 @@ def _jit_qk_fix(problem: Problem, d_pattern, chunk: int):
             by_q = jnp.einsum("hsqk,phqk->phs", with_q - pattern, grad, precision=precision)
             by_k = jnp.einsum("hsqk,phqk->phs", with_k - pattern, grad, precision=precision)
             out = jnp.stack([by_q, by_k], axis=2)  # [P, H, 2, n_earlier + 1]: the last slot is the internal edge
-            earlier = jnp.arange(n_earlier) < 1 + layer * (cfg.n_heads + int(cfg.has_mlp))  # the layer's own sources
+            earlier = jnp.arange(n_earlier) < jnp.asarray(first_source)[layer]  # the sources the layer reads
             later = jnp.zeros(out.shape[:-1] + (n_slots - 1 - n_earlier,), out.dtype)
             return jnp.concatenate([jnp.where(earlier, out[..., :-1], 0), later, out[..., -1:]], axis=-1)  # [P, H, 2, S+1]
 
         # A layer's q/k inputs read only the sources before it: a segment of layers projects the
         # sources before its last layer; the slots of later sources (no edges of the layer) are 0.
         return jnp.concatenate([
-            lax.map(functools.partial(per_layer, n_earlier=1 + (hi - 1) * (cfg.n_heads + int(cfg.has_mlp))),
+            lax.map(functools.partial(per_layer, n_earlier=int(first_source[hi - 1])),
                     jnp.arange(lo, hi))
             for lo, hi in layer_segments(cfg.n_layers)], axis=0)  # [L, P, H, 2, S+1]
 
