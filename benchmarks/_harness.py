@@ -73,16 +73,7 @@ def block(x):
 
 def timed(fn: Callable, *args, repeats: int = 5) -> dict:
     """Compile time (first call) and steady-state seconds (median of ``repeats`` later calls)."""
-    start = time.perf_counter()
-    block(fn(*args))
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        block(fn(*args))
-        times.append(time.perf_counter() - start)
-    steady = statistics.median(times)
-    return {"first_call_s": first, "compile_s": max(0.0, first - steady), "steady_s": steady, "steady_min_s": min(times)}
+    return interleaved({"fn": (fn, *args)}, repeats)["fn"]
 
 
 def interleaved(calls: dict[str, tuple], repeats: int = 5) -> dict[str, dict]:
